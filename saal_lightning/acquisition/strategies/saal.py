@@ -1,0 +1,50 @@
+"""SAAL: the sharpness-aware acquisition of Kim et al. (ICML 2023), top-k of the per-sample perturbed loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saal_lightning.acquisition.saal_score import saal_scores
+from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
+
+
+class SAAL(AcquisitionStrategy):
+    """Label the items whose loss under their own pseudo-label rises most in a rho-ball around the weights.
+
+    score(x) = CE(f_{theta+eps}(x), yhat) with eps the per-sample SAM ascent step (paper eq. 6).
+
+    Args:
+        rho: radius of the perturbation ball (the paper and the authors' code use 0.05).
+        adaptive: ``False`` is the paper's ball (eps = rho g/||g||); ``True`` is what the authors' released code
+            computes (ASAM: eps = rho w^2 g / || |w| g ||).
+        mode: ``"max"`` scores the perturbed loss (paper eq. 6); ``"diff"`` the perturbed minus the clean loss
+            (the authors' ``Diff`` acquisition mode).
+        chunk_size: items scored at once (``None`` lets :func:`saal_scores` bound the memory).
+
+    Example::
+
+        >>> strategy = SAAL(rho=0.05, adaptive=True)
+    """
+
+    name = "saal"
+    needs_grad = True
+
+    def __init__(self, rho: float = 0.05, adaptive: bool = False, mode: str = "max", chunk_size: int | None = None):
+        if rho <= 0:
+            raise ValueError(f"rho must be positive, got {rho}")
+        if mode not in ("max", "diff"):
+            raise ValueError(f"mode must be 'max' or 'diff', got {mode!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        self.rho = rho
+        self.adaptive = adaptive
+        self.mode = mode
+        self.chunk_size = chunk_size
+
+    def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return saal_scores(model, inputs, rho=self.rho, adaptive=self.adaptive, mode=self.mode,
+                           chunk_size=self.chunk_size)
+
+    def __repr__(self) -> str:
+        return f"SAAL(rho={self.rho}, adaptive={self.adaptive}, mode={self.mode!r})"
