@@ -1,0 +1,3 @@
+from saal_lightning.cli import main
+
+main()

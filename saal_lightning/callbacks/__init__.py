@@ -1,0 +1,3 @@
+from saal_lightning.callbacks.acquisition_callback import AcquisitionCallback
+
+__all__ = ["AcquisitionCallback"]

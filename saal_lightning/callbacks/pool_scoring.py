@@ -1,0 +1,84 @@
+"""Score a set of items across DDP ranks: shard, compute locally, gather back in the original order.
+
+Rank ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` (no shuffling, no duplicates). Shards differ in
+length by at most one, but ``all_gather`` needs equal shapes, so each rank pads its outputs to
+``ceil(n / w)`` rows; after gathering, row ``j`` of rank ``r`` is position ``j * w + r``, so a transpose puts
+everything back in order and the padding lands past ``n``, where it is cut off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
+
+
+def shard_positions(num_items: int, rank: int, world_size: int) -> torch.Tensor:
+    """The positions rank ``rank`` of ``world_size`` handles: ``rank, rank + world_size, ...``."""
+    return torch.arange(rank, num_items, world_size)
+
+
+def compute_outputs(
+    strategy: AcquisitionStrategy,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> torch.Tensor:
+    """Run ``strategy.compute`` over every batch of ``loader`` in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.enable_grad() if strategy.needs_grad else torch.no_grad():
+            for batch in loader:
+                inputs = batch[0].to(device)
+                outputs.append(strategy.compute(model, inputs).detach())
+                advance(len(inputs))
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.empty(0, device=device)
+    return torch.cat(outputs)
+
+
+def gather_in_order(trainer: pl.Trainer, local_outputs: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Gather every rank's outputs (from :func:`shard_positions`) into one tensor in position order."""
+    world_size = trainer.world_size
+    if world_size == 1:
+        return local_outputs
+    rows = math.ceil(num_items / world_size)
+    padded = local_outputs.new_zeros((rows, *local_outputs.shape[1:]))
+    padded[: local_outputs.shape[0]] = local_outputs
+    gathered = trainer.strategy.all_gather(padded)  # (world_size, rows, ...)
+    return gathered.transpose(0, 1).reshape(world_size * rows, *local_outputs.shape[1:])[:num_items]
+
+
+def score_items(
+    trainer: pl.Trainer,
+    strategy: AcquisitionStrategy,
+    model: nn.Module,
+    make_loader: Callable[[torch.Tensor], DataLoader],
+    indices: torch.Tensor,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> torch.Tensor:
+    """``strategy.compute`` over the dataset items ``indices``, sharded across ranks, gathered in order."""
+    positions = shard_positions(len(indices), trainer.global_rank, trainer.world_size)
+    local = compute_outputs(strategy, model, make_loader(indices[positions]), device, advance)
+    return gather_in_order(trainer, local, len(indices)).cpu()
+
+
+def broadcast_from_rank_zero(trainer: pl.Trainer, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the selection is made once, then shared, so ranks never disagree)."""
+    return trainer.strategy.broadcast(value, src=0)
+

@@ -1,0 +1,493 @@
+"""The labeled/unlabeled split of one training set, as a Lightning data module.
+
+The whole active-learning state is one int64 tensor, ``labeled_round``, with one entry per training item:
+``-1`` for unlabeled, ``r >= 0`` for "labeled in acquisition round ``r``" (``0`` is the initial set). The labeled
+and unlabeled index sets, the number of labeled items and the current round all derive from it, so they can never
+disagree, and it is exactly what a checkpoint stores.
+
+Lightning calls :meth:`ActiveDataModule.setup` on every fit and *before* it restores a checkpoint's data-module
+state, so ``setup`` creates the initial split once and never overwrites an existing one, and
+:meth:`ActiveDataModule.train_dataloader` reads the labeled indices at call time (the trainer reloads it when
+``reload_dataloaders_every_n_epochs`` says so).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset, Subset
+
+# Reading targets item by item decodes every image; show progress when that takes noticeable time.
+_PROGRESS_THRESHOLD = 10_000
+# How many offending values an error message lists before it only gives the count.
+_MAX_LISTED = 10
+
+
+def _listing(values: torch.Tensor) -> str:
+    shown = values[:_MAX_LISTED].tolist()
+    more = f" and {values.numel() - _MAX_LISTED} more" if values.numel() > _MAX_LISTED else ""
+    return f"{shown}{more}"
+
+
+def _as_index_tensor(indices: Sequence[int] | torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """Check that ``indices`` is a 1-D integer sequence of positions in ``[0, size)``; return it as int64."""
+    if isinstance(indices, torch.Tensor):
+        tensor = indices
+    else:
+        array = np.asarray(indices)
+        # numpy reads an empty list as float64; an empty request gets its own, clearer error from the caller.
+        tensor = torch.as_tensor(array.astype(np.int64) if array.size == 0 else array)
+    # bool is rejected as well: a bool tensor is a mask, and indexing with it would mean something else.
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise ValueError(f"{what} expects integer indices, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{what} expects a 1-D sequence of indices, got shape {tuple(tensor.shape)}")
+    tensor = tensor.long().cpu()
+    out_of_range = tensor[(tensor < 0) | (tensor >= size)]
+    if out_of_range.numel():
+        raise ValueError(f"{what}: indices out of range [0, {size}): {_listing(out_of_range)}")
+    return tensor
+
+
+def read_targets(dataset: Dataset) -> torch.Tensor:
+    """The class index of every item of ``dataset``, as an int64 tensor.
+
+    Uses ``dataset.targets`` (torchvision's MNIST/CIFAR) or ``dataset.labels`` (SVHN) when present, which is
+    instant; otherwise reads ``dataset[i][1]`` for every item once, which decodes and transforms every input.
+    """
+    for attribute in ("targets", "labels"):
+        values = getattr(dataset, attribute, None)
+        if values is not None:
+            targets = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+            if targets.dim() != 1 or targets.numel() != len(dataset):
+                raise ValueError(
+                    f"dataset.{attribute} has shape {tuple(targets.shape)}, expected ({len(dataset)},): "
+                    "one class index per item"
+                )
+            return targets.long().cpu()
+    positions: Iterable[int] = range(len(dataset))
+    if len(dataset) > _PROGRESS_THRESHOLD:
+        positions = track(positions, description="Reading targets", total=len(dataset), transient=True)
+    return torch.tensor([int(dataset[i][1]) for i in positions], dtype=torch.long)
+
+
+class ActiveDataModule(pl.LightningDataModule):
+    """A training set split into labeled and unlabeled items, plus a held-out test set.
+
+    The simulated oracle reads the training set's own targets: :meth:`label` moves items from the unlabeled to
+    the labeled set, and :meth:`train_dataloader` iterates over the labeled items only. The acquisition callback
+    draws a random candidate pool with :meth:`sample_pool` and scores it through :meth:`pool_dataloader`.
+
+    The initial labeled set is drawn on the first :meth:`setup` with a dedicated ``torch.Generator`` seeded by
+    ``seed``, so every DDP rank draws the same set and the global RNG is untouched.
+
+    Args:
+        train_dataset: the training set the labeled and unlabeled items come from; it may apply training
+            augmentation. Subclasses may leave it ``None`` and build it in :meth:`setup`.
+        test_dataset: the held-out evaluation set used by :meth:`test_dataloader`.
+        pool_dataset: the same items as ``train_dataset``, in the same order, without training augmentation;
+            used to score the pool. Defaults to ``train_dataset``.
+        val_dataset: an optional validation set. Without one, ``val_dataloader`` is ``None`` and Lightning skips
+            validation.
+        num_classes: the number of classes; inferred as ``max(target) + 1`` when ``None`` (the attribute of the
+            same name holds the value in use).
+        initial_labels: the size of the initial labeled set (round 0).
+        balanced: draw the initial set as ``initial_labels // num_classes`` items of every class (the SAAL
+            protocol); otherwise draw it uniformly at random.
+        batch_size: the training batch size.
+        eval_batch_size: the batch size of the test, validation and pool loaders.
+        num_workers: worker processes for every loader.
+        seed: seeds the initial draw and the training loader's shuffling.
+
+    Attributes:
+        in_channels: the channel count of a CHW image input, inferred from the first training item; ``None``
+            when the input is not a CHW tensor.
+        labeled_round: int64 tensor, one entry per training item: ``-1`` unlabeled, ``r`` labeled in round
+            ``r``; ``None`` before :meth:`setup`.
+
+    Raises:
+        ValueError: for a non-positive batch size, a negative ``initial_labels`` or ``num_workers``, a
+            ``pool_dataset`` whose length differs from ``train_dataset``'s, targets outside
+            ``[0, num_classes)``, or (with ``balanced``) ``initial_labels`` not divisible by ``num_classes``.
+
+    Example::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.randn(100, 3), torch.arange(100) % 5)
+        >>> dm = ActiveDataModule(data, data, initial_labels=10)
+        >>> dm.setup("fit")
+        >>> dm.num_labeled, dm.summary()["labeled_per_class"]
+        (10, [2, 2, 2, 2, 2])
+        >>> pool = dm.sample_pool(20, torch.Generator().manual_seed(0))
+        >>> dm.label(pool[:5])
+        >>> dm.num_labeled, dm.current_round
+        (15, 1)
+    """
+
+    def __init__(
+        self,
+        train_dataset: Dataset | None = None,
+        test_dataset: Dataset | None = None,
+        pool_dataset: Dataset | None = None,
+        val_dataset: Dataset | None = None,
+        num_classes: int | None = None,
+        initial_labels: int = 20,
+        balanced: bool = True,
+        batch_size: int = 10,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value, minimum in (
+            ("initial_labels", initial_labels, 0),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < minimum:
+                raise ValueError(f"Expected `{name}` >= {minimum}, got {value}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"Expected `num_classes` >= 1, got {num_classes}")
+        self.train_dataset = train_dataset
+        self.test_dataset = test_dataset
+        self.pool_dataset = pool_dataset
+        self.val_dataset = val_dataset
+        self.num_classes = num_classes
+        self.in_channels: int | None = None
+        self.initial_labels = initial_labels
+        self.balanced = balanced
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.labeled_round: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
+        self._attached: Dataset | None = None
+        self._check_balanced_divisible()
+        # With the datasets given up front, num_classes and in_channels are known now, which the CLI's
+        # `data.num_classes -> model` link needs before setup() runs.
+        if train_dataset is not None:
+            self._attach_datasets()
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Create the initial split on the first call; later calls (and a restored state) are left as they are.
+
+        Subclasses build their datasets first and then call ``super().setup(stage)``.
+
+        Raises:
+            ValueError: without a training set, or when an existing (restored) split does not match the
+                training set's length.
+        """
+        if self.train_dataset is None:
+            raise ValueError(
+                f"{type(self).__name__} has no train_dataset: pass one, or build it in a subclass's setup() "
+                "before calling super().setup()"
+            )
+        self._attach_datasets()
+        if self.labeled_round is None:
+            self.labeled_round = self._initial_split()
+        elif self.labeled_round.numel() != len(self.train_dataset):
+            raise ValueError(
+                f"The restored split covers {self.labeled_round.numel()} items but the training set has "
+                f"{len(self.train_dataset)}: the checkpoint was made with a different data set"
+            )
+
+    def _attach_datasets(self) -> None:
+        """Validate the datasets and infer ``num_classes``/``in_channels``, once per training set."""
+        train = self._require_train_dataset()
+        if self._attached is train:
+            return
+        self._targets = None
+        if self.pool_dataset is None:
+            self.pool_dataset = train
+        elif len(self.pool_dataset) != len(train):
+            raise ValueError(
+                f"pool_dataset has {len(self.pool_dataset)} items but train_dataset has {len(train)}: "
+                "the pool must hold the same items in the same order (without augmentation)"
+            )
+        targets = self._train_targets()
+        if targets.numel() and targets.min() < 0:
+            raise ValueError(f"Targets must be class indices >= 0, found {int(targets.min())}")
+        if self.num_classes is None:
+            self.num_classes = int(targets.max()) + 1 if targets.numel() else 0
+            self._check_balanced_divisible()
+        elif targets.numel() and targets.max() >= self.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} but the training set has target {int(targets.max())}")
+        if self.in_channels is None and len(train):
+            first = train[0][0]
+            if isinstance(first, torch.Tensor) and first.dim() == 3:
+                self.in_channels = int(first.shape[0])
+        self._attached = train
+
+    def _check_balanced_divisible(self) -> None:
+        if self.balanced and self.num_classes and self.initial_labels % self.num_classes:
+            raise ValueError(
+                f"initial_labels={self.initial_labels} is not divisible by num_classes={self.num_classes}: a "
+                f"balanced initial set takes the same number of items from every class; use a multiple of "
+                f"{self.num_classes} or balanced=False"
+            )
+
+    def _require_train_dataset(self) -> Dataset:
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no training set yet: call setup() first (Trainer.fit does)")
+        return self.train_dataset
+
+    def _train_targets(self) -> torch.Tensor:
+        if self._targets is None:
+            self._targets = read_targets(self._require_train_dataset())
+        return self._targets
+
+    def _initial_split(self) -> torch.Tensor:
+        """Draw the round-0 labeled set with a generator of its own, so the global RNG stream is untouched."""
+        targets = self._train_targets()
+        size = targets.numel()
+        if self.initial_labels > size:
+            raise ValueError(f"initial_labels={self.initial_labels} exceeds the {size} items of the training set")
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.balanced and self.initial_labels:
+            per_class = self.initial_labels // self.num_classes
+            chosen = []
+            for cls in range(self.num_classes):
+                members = torch.nonzero(targets == cls).flatten()
+                if members.numel() < per_class:
+                    raise ValueError(
+                        f"Class {cls} has {members.numel()} items but the balanced initial set needs {per_class} "
+                        f"per class (initial_labels={self.initial_labels}, num_classes={self.num_classes})"
+                    )
+                chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+            initial = torch.cat(chosen)
+        else:
+            initial = torch.randperm(size, generator=generator)[: self.initial_labels]
+        labeled_round = torch.full((size,), -1, dtype=torch.long)
+        labeled_round[initial] = 0
+        return labeled_round
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def _state(self) -> torch.Tensor:
+        if self.labeled_round is None:
+            raise RuntimeError(f"{type(self).__name__} has no split yet: call setup() first (Trainer.fit does)")
+        return self.labeled_round
+
+    @property
+    def labeled_indices(self) -> torch.Tensor:
+        """Indices of the labeled items, ascending (int64)."""
+        return torch.nonzero(self._state() >= 0).flatten()
+
+    @property
+    def unlabeled_indices(self) -> torch.Tensor:
+        """Indices of the unlabeled items, ascending (int64)."""
+        return torch.nonzero(self._state() < 0).flatten()
+
+    @property
+    def num_labeled(self) -> int:
+        """The number of labeled items."""
+        return int((self._state() >= 0).sum())
+
+    @property
+    def num_unlabeled(self) -> int:
+        """The number of unlabeled items."""
+        return int((self._state() < 0).sum())
+
+    @property
+    def current_round(self) -> int:
+        """The latest round anything was labeled in; 0 for the initial set (even an empty one)."""
+        return max(int(self._state().max()), 0) if self._state().numel() else 0
+
+    def targets(self, indices: torch.Tensor) -> torch.Tensor:
+        """The oracle's class indices for the given training-set indices (int64, same order)."""
+        size = len(self._require_train_dataset())
+        return self._train_targets()[_as_index_tensor(indices, size, "targets()")]
+
+    def label(self, indices: Sequence[int] | torch.Tensor, round: int | None = None) -> None:
+        """Move unlabeled items to the labeled set, recording the round they were labeled in.
+
+        Every check runs before anything changes: a rejected request leaves the labeled set as it was.
+
+        Args:
+            indices: training-set indices of unlabeled items, a 1-D integer sequence without repeats.
+            round: the acquisition round to record; defaults to ``current_round + 1``.
+
+        Raises:
+            ValueError: for non-integer or non-1-D indices, an empty request, indices out of range, indices
+                that are already labeled or repeated within the request, or a negative round.
+        """
+        state = self._state()
+        index = _as_index_tensor(indices, state.numel(), "label()")
+        if index.numel() == 0:
+            raise ValueError("label() got no indices: nothing to label")
+        unique, counts = torch.unique(index, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"label(): duplicated indices in one request: {_listing(unique[counts > 1])}")
+        already = index[state[index] >= 0]
+        if already.numel():
+            raise ValueError(
+                f"label(): indices already labeled: {_listing(already)} (in rounds {_listing(state[already])})"
+            )
+        if round is None:
+            round = self.current_round + 1
+        try:
+            # operator.index accepts Python, numpy and 0-d tensor integers alike, and nothing fractional.
+            valid_round = not isinstance(round, bool) and operator.index(round) >= 0
+        except TypeError:
+            valid_round = False
+        if not valid_round:
+            raise ValueError(f"label(): round must be an int >= 0, got {round!r}")
+        state[index] = operator.index(round)
+
+    def sample_pool(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """A uniformly random subset of the unlabeled indices, drawn with ``generator``, sorted ascending.
+
+        Args:
+            size: how many unlabeled items to draw (without replacement).
+            generator: a CPU generator the caller owns (and checkpoints); the global RNG is not used.
+
+        Raises:
+            ValueError: when ``size`` is not positive or larger than the number of unlabeled items left.
+        """
+        if size <= 0:
+            raise ValueError(f"sample_pool(size={size}): size must be positive")
+        unlabeled = self.unlabeled_indices
+        if size > unlabeled.numel():
+            raise ValueError(f"sample_pool(size={size}) asks for more than is left: {unlabeled.numel()} unlabeled")
+        chosen = torch.randperm(unlabeled.numel(), generator=generator)[:size]
+        return unlabeled[chosen].sort().values
+
+    def check_budget(self, query_size: int) -> None:
+        """Raise ``ValueError`` unless ``query_size`` items can still be labeled (``1 <= query_size <= left``)."""
+        if query_size <= 0:
+            raise ValueError(f"query_size={query_size} must be positive")
+        if query_size > self.num_unlabeled:
+            raise ValueError(
+                f"query_size={query_size} is larger than what is left: {self.num_unlabeled} unlabeled items"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs: ``num_labeled``, ``num_unlabeled``, ``current_round``, ``labeled_per_class``."""
+        labeled = self._train_targets()[self.labeled_indices]
+        return {
+            "num_labeled": self.num_labeled,
+            "num_unlabeled": self.num_unlabeled,
+            "current_round": self.current_round,
+            "labeled_per_class": torch.bincount(labeled, minlength=self.num_classes or 0).tolist(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The split as tensors and primitives only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        if self.labeled_round is None:
+            return {}
+        return {
+            "labeled_round": self.labeled_round.clone(),
+            "seed": self.seed,
+            "dataset_size": self.labeled_round.numel(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the split replaces any existing one.
+
+        The restored ``seed`` replaces the configured one (with a warning when they differ) so that the training
+        loader shuffles as it did in the run that wrote the checkpoint.
+
+        Raises:
+            ValueError: when the state is malformed or was made for a training set of a different size.
+        """
+        missing = {"labeled_round", "seed", "dataset_size"} - set(state_dict)
+        if missing:
+            raise ValueError(f"{type(self).__name__} state is missing {sorted(missing)}")
+        labeled_round = torch.as_tensor(state_dict["labeled_round"])
+        size = int(state_dict["dataset_size"])
+        if labeled_round.dtype != torch.long or labeled_round.shape != (size,) or (labeled_round < -1).any():
+            raise ValueError(
+                f"labeled_round must be an int64 tensor of shape ({size},) with values >= -1, got "
+                f"{labeled_round.dtype} of shape {tuple(labeled_round.shape)}"
+            )
+        # A subclass may not have built its training set yet (Lightning restores after setup, but a user may
+        # not); setup() then repeats this check.
+        if self.train_dataset is not None and size != len(self.train_dataset):
+            raise ValueError(
+                f"The checkpoint's split covers {size} items but the training set has {len(self.train_dataset)}: "
+                "it was made with a different data set"
+            )
+        if int(state_dict["seed"]) != self.seed:
+            rank_zero_warn(f"Restoring the split of a run with seed={state_dict['seed']} (configured: {self.seed})")
+        self.seed = int(state_dict["seed"])
+        self.labeled_round = labeled_round.clone()
+
+    # ------------------------------------------------------------------------------------------ dataloaders
+
+    def _training_order(self) -> torch.Tensor:
+        """The labeled indices in this epoch's shuffled order.
+
+        The permutation is drawn here, once, from a generator seeded by (seed, labeled count, epoch), and the
+        loader then iterates in that fixed order. Handing the DataLoader a generator instead would let every
+        ``iter()`` call draw from it, and Lightning creates iterators a different number of times on a resumed
+        run, so a resume would not replay the uninterrupted run's batches.
+        """
+        labeled = self.labeled_indices
+        return labeled[torch.randperm(len(labeled), generator=self._epoch_generator())]
+
+    def _epoch_generator(self) -> torch.Generator:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seed = np.random.SeedSequence([self.seed, self.num_labeled, epoch]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the labeled items, as labeled when this is called."""
+        # shuffle=False: the order is already shuffled (and under DDP Lightning's DistributedSampler then deals
+        # this fixed order out across ranks). The loader still gets its own generator, for the base seed that
+        # every iter() draws, so that iterating never consumes the global RNG.
+        return DataLoader(
+            Subset(self.train_dataset, self._training_order().tolist()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            generator=self._epoch_generator(),
+        )
+
+    @property
+    def val_dataloader(self) -> Callable[[], DataLoader] | None:  # type: ignore[override]
+        """The validation loader factory, or ``None`` without a ``val_dataset``.
+
+        Lightning runs validation only when ``val_dataloader`` is overridden, which it checks with ``getattr``:
+        ``None`` reads as "not overridden", so a fit without a validation set skips the loop cleanly, instead of
+        warning on every reload about an empty loader (what returning ``[]`` does in Lightning 2.6).
+        """
+        return self._val_dataloader if self.val_dataset is not None else None
+
+    def _val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set in order, ``eval_batch_size`` per batch.
+
+        Raises:
+            ValueError: without a test set.
+        """
+        if self.test_dataset is None:
+            raise ValueError(f"{type(self).__name__} has no test_dataset to evaluate on")
+        return self._eval_loader(self.test_dataset)
+
+    def pool_dataloader(self, indices: torch.Tensor) -> DataLoader:
+        """The un-augmented items at ``indices`` of the training set, in that order (for scoring).
+
+        Raises:
+            ValueError: for indices that are not a 1-D integer sequence in range.
+        """
+        if self.pool_dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no pool dataset yet: call setup() first")
+        index = _as_index_tensor(indices, len(self.pool_dataset), "pool_dataloader()")
+        return self._eval_loader(Subset(self.pool_dataset, index.tolist()))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,3 @@
+from saal_lightning.optim.sam import SAM
+
+__all__ = ["SAM"]

@@ -1,0 +1,38 @@
+"""Progress for long acquisition work, shown inside Lightning's own progress display when there is one.
+
+Rich allows one live display at a time, so a second ``rich.progress.Progress`` next to Lightning's
+``RichProgressBar`` would fail; we add a task to the bar's own ``progress`` instead. With the default TQDM bar
+we open a tqdm bar; with no progress bar, nothing is shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+@contextmanager
+def acquisition_progress(trainer: pl.Trainer, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``: report ``n`` more items done out of ``total`` (rank 0 only)."""
+    bar = trainer.progress_bar_callback
+    if not trainer.is_global_zero or bar is None or not bar.is_enabled:
+        yield lambda n: None
+    elif isinstance(bar, RichProgressBar) and bar.progress is not None:
+        task = bar.progress.add_task(description, total=total)
+        try:
+            yield lambda n: bar.progress.update(task, advance=n, refresh=True)
+        finally:
+            bar.progress.remove_task(task)
+    elif isinstance(bar, TQDMProgressBar):
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=description, leave=False, dynamic_ncols=True) as tqdm_bar:
+            yield tqdm_bar.update
+    else:
+        yield lambda n: None
