@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 class SyntheticImages(Dataset):
@@ -27,3 +39,27 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self.targets[index]
+
+
+def fashion_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``i`` is a constant ``7 * i % 256`` grey; label ``i % 10``."""
+    values = (7 * np.arange(count)) % 256
+    images = np.broadcast_to(values[:, None, None], (count, 28, 28)).astype(np.uint8)
+    return images, (np.arange(count) % 10).astype(np.uint8)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format: magic (0, 0, uint8 type 0x08, number of dimensions), big-endian sizes, then the data."""
+    return struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_fashion(folder: Path, compressed: bool, train_count: int = 30, test_count: int = 10) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = fashion_images(train_count), fashion_images(test_count)
+    arrays = dict(zip(FASHION_FILES, (train[0], train[1], test[0], test[1]), strict=True))
+    for name, array in arrays.items():
+        if compressed:
+            with gzip.open(folder / f"{name}.gz", "wb") as handle:
+                handle.write(idx_bytes(array))
+        else:
+            (folder / name).write_bytes(idx_bytes(array))

@@ -136,10 +136,7 @@ def _load_fashion_mnist(root: str, train: bool, download: bool) -> Dataset:
 
 def _load_svhn(root: str, train: bool, download: bool) -> Dataset:
     split = "train" if train else "test"
-    try:
-        return _torchvision_load("SVHN", lambda: datasets.SVHN(root, split=split, download=download), root, download)
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"Reading SVHN's .mat files needs scipy (`pip install scipy`): {err}") from err
+    return _torchvision_load("SVHN", lambda: datasets.SVHN(root, split=split, download=download), root, download)
 
 
 def _load_cifar10(root: str, train: bool, download: bool) -> Dataset:

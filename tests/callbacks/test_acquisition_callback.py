@@ -111,6 +111,7 @@ def test_rounds_grow_the_labeled_set_by_query_size_with_the_top_k_of_the_pool(tm
                                            recorder.pools, recorder.labelled_batches, strict=False):
         assert set(before.tolist()) <= set(after.tolist())
         assert set(after.tolist()) - set(before.tolist()) == set(chosen.tolist())
+        assert set(chosen.tolist()) <= set(pool.tolist())
     for pool, chosen, inputs, outputs in zip(recorder.pools, recorder.labelled_batches, strategy.inputs,
                                              strategy.outputs, strict=True):
         assert len(pool) == 40 and len(chosen) == 6

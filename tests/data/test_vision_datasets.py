@@ -1,34 +1,25 @@
 """VisionActiveDataModule: data-set lookup order, clear missing-data errors, transforms and class wiring.
 
 The torchvision loading path runs for real on tiny files the tests write (IDX for Fashion-MNIST, the pickle
-batches of CIFAR); SVHN's .mat files need scipy, so its wiring is checked through a stand-in class.
+batches of CIFAR, SVHN's .mat files).
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 import torchvision
-from PIL import Image
 from torchvision import transforms
 
 from saal_lightning.data import VISION_DATASETS, DatasetNotFoundError, VisionActiveDataModule, vision_datasets
 from saal_lightning.data.vision_datasets import build_transforms
-
-FASHION_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+from tests.synthetic_data import FASHION_FILES, write_fashion
 
 
 def transform_types(transform) -> list[type]:
@@ -77,30 +68,6 @@ def test_build_transforms_augments_only_when_asked():
 
 
 # ------------------------------------------------------------------------------------------- Fashion-MNIST
-
-
-def fashion_images(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``i`` is a constant ``7 * i % 256`` grey; label ``i % 10``."""
-    values = (7 * np.arange(count)) % 256
-    images = np.broadcast_to(values[:, None, None], (count, 28, 28)).astype(np.uint8)
-    return images, (np.arange(count) % 10).astype(np.uint8)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX format: magic (0, 0, uint8 type 0x08, number of dimensions), big-endian sizes, then the data."""
-    return struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def write_fashion(folder: Path, compressed: bool, train_count: int = 30, test_count: int = 10) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    train, test = fashion_images(train_count), fashion_images(test_count)
-    arrays = dict(zip(FASHION_FILES, (train[0], train[1], test[0], test[1]), strict=True))
-    for name, array in arrays.items():
-        if compressed:
-            with gzip.open(folder / f"{name}.gz", "wb") as handle:
-                handle.write(idx_bytes(array))
-        else:
-            (folder / name).write_bytes(idx_bytes(array))
 
 
 def expected_fashion_pixel(index: int) -> float:
@@ -246,42 +213,24 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
         dm.prepare_data()
 
 
-class FakeSVHN(torchvision.datasets.VisionDataset):
-    """Stands in for torchvision's SVHN (whose .mat files need scipy): ``.labels`` and CHW uint8 ``.data``."""
-
-    calls: list[tuple[str, str, bool]] = []
-
-    def __init__(self, root: str, split: str = "train", transform=None, download: bool = False) -> None:
-        super().__init__(root, transform=transform)
-        FakeSVHN.calls.append((root, split, download))
-        count = 30 if split == "train" else 10
-        self.data = np.broadcast_to((np.arange(count) % 256)[:, None, None, None], (count, 3, 32, 32)).astype(np.uint8)
-        self.labels = np.arange(count, dtype=np.int64) % 10
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        image = Image.fromarray(np.transpose(self.data[index], (1, 2, 0)))
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+def write_svhn(root: Path, split: str, count: int) -> None:
+    """SVHN's .mat layout: X is 32x32x3xN uint8, y is Nx1 with digit 0 stored as label 10."""
+    images = np.broadcast_to((np.arange(count) % 256)[None, None, None, :], (32, 32, 3, count)).astype(np.uint8)
+    labels = np.arange(count) % 10
+    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": images, "y": np.where(labels == 0, 10, labels)[:, None]})
 
 
-def test_svhn_wiring_without_augmentation(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
-    FakeSVHN.calls.clear()
+def test_svhn_loads_real_mat_files_without_augmentation(tmp_path, monkeypatch):
+    write_svhn(tmp_path, "train", 30)
+    write_svhn(tmp_path, "test", 10)
+    # The tiny files do not have the published checksums.
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path))
     dm = VisionActiveDataModule("svhn", root=str(tmp_path), initial_labels=20)
     dm.setup()
-    assert sorted(FakeSVHN.calls) == [(str(tmp_path), "test", False), (str(tmp_path), "train", False)]
+    assert len(dm.train_dataset) == 30 and len(dm.test_dataset) == 10
     assert dm.summary()["labeled_per_class"] == [2] * 10
     image, label = dm.pool_dataset[4]
     assert image.shape == (3, 32, 32) and label == 4
     assert torch.allclose(image[2], torch.full((32, 32), (4 / 255 - 0.4728) / 0.1970), atol=1e-5)
+    assert dm.pool_dataset[10][1] == 0  # label 10 in the file is the digit 0
     assert torch.equal(dm.train_dataset[4][0], image)  # SVHN is not augmented by default
-
-
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="checks the message shown without scipy")
-def test_svhn_needs_scipy_message(tmp_path, monkeypatch):
-    (tmp_path / "train_32x32.mat").write_bytes(b"not read")
-    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path))
-    with pytest.raises(ModuleNotFoundError, match=r"needs scipy \(`pip install scipy`\)"):
-        VisionActiveDataModule("svhn", root=str(tmp_path)).setup()
