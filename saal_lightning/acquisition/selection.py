@@ -30,3 +30,132 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"{int(torch.isnan(scores).sum())} acquisition scores are NaN; refusing to select")
     order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
     return order[:k]
+
+
+def _check_embeddings(embeddings: torch.Tensor, what: str) -> None:
+    if embeddings.ndim != 2:
+        raise ValueError(f"{what} must be one row per item (a 2-D tensor), got shape {tuple(embeddings.shape)}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{what} contain NaN or infinite values; refusing to select")
+
+
+def _sq_distances_to(points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distance of every row of ``points`` to ``centre``, exact (no ``|a|² - 2ab + |b|²``).
+
+    Rows are processed in blocks of about 2^24 elements, so a wide embedding (BADGE on 100 classes: 51k
+    dimensions) never needs a pool-sized temporary.
+    """
+    rows = max(1, 2**24 // max(1, points.shape[1]))
+    return torch.cat([((block - centre) ** 2).sum(dim=1) for block in points.split(rows)])
+
+
+def k_center_greedy(
+    pool_embeddings: torch.Tensor, k: int, labeled_embeddings: torch.Tensor | None = None, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Greedy k-center selection (Sener & Savarese, ICLR 2018, Algorithm 1): a 2-approximation of the coreset.
+
+    Each step picks the pool item farthest (Euclidean) from its nearest centre, where the centres are the
+    labeled items plus the items picked so far. Without labeled items the first pick is the item farthest
+    from the pool's mean. Ties go to the lower position; a picked item is never picked again, even when
+    every remaining item coincides with a centre.
+
+    Args:
+        pool_embeddings: ``[N, D]`` embeddings of the candidate items.
+        k: how many positions to return.
+        labeled_embeddings: ``[M, D]`` embeddings of the already labeled items (``None`` or ``M = 0``: none).
+        chunk_size: labeled items compared with the whole pool at once, which bounds memory at ``N * chunk_size``.
+
+    Returns:
+        ``k`` distinct positions into ``pool_embeddings``, in the order they were picked.
+
+    Example::
+
+        >>> pool = torch.tensor([[0.0], [1.0], [5.0], [9.0]])
+        >>> k_center_greedy(pool, 2, labeled_embeddings=torch.tensor([[0.0]]))
+        tensor([3, 2])
+    """
+    _check_embeddings(pool_embeddings, "pool embeddings")
+    _check_query_size(pool_embeddings.shape[0], k)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    pool = pool_embeddings.detach()
+    picked = torch.zeros(pool.shape[0], dtype=torch.bool, device=pool.device)
+    order: list[int] = []
+    if labeled_embeddings is not None and labeled_embeddings.shape[0] > 0:
+        _check_embeddings(labeled_embeddings, "labeled embeddings")
+        if labeled_embeddings.shape[1] != pool.shape[1]:
+            raise ValueError(
+                f"labeled embeddings have {labeled_embeddings.shape[1]} dimensions, pool embeddings {pool.shape[1]}"
+            )
+        labeled = labeled_embeddings.detach().to(device=pool.device, dtype=pool.dtype)
+        min_dist = torch.full((pool.shape[0],), float("inf"), device=pool.device, dtype=pool.dtype)
+        for start in range(0, labeled.shape[0], chunk_size):
+            chunk_dist = torch.cdist(pool, labeled[start : start + chunk_size]).min(dim=1).values
+            min_dist = torch.minimum(min_dist, chunk_dist)
+    else:
+        first = int(torch.argmax(_sq_distances_to(pool, pool.mean(dim=0))))
+        min_dist = _sq_distances_to(pool, pool[first]).sqrt()
+        picked[first] = True
+        order.append(first)
+    while len(order) < k:
+        # -inf on picked items keeps them out even when all remaining distances are 0 (duplicates of centres).
+        index = int(torch.argmax(min_dist.masked_fill(picked, float("-inf"))))
+        order.append(index)
+        picked[index] = True
+        min_dist = torch.minimum(min_dist, _sq_distances_to(pool, pool[index]).sqrt())
+    return torch.tensor(order, dtype=torch.long)
+
+
+def kmeans_pp_seeding(
+    points: torch.Tensor, k: int, generator: torch.Generator, fill_order: torch.Tensor | None = None
+) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) as BADGE uses it (Ash et al., ICLR 2020), without repeats.
+
+    The first centre is the point of largest Euclidean norm (as in BADGE's ``init_centers``); every later centre
+    is drawn with probability proportional to D², its squared distance to the nearest centre chosen so far,
+    using ``generator`` (no global RNG). Points already chosen have D² = 0, so no position is picked twice (the
+    original code could repeat one, JordanAsh/badge#5). When every remaining point has D² = 0 (fewer distinct
+    points than ``k``), the remaining picks are the not yet chosen positions in ``fill_order``.
+
+    Args:
+        points: ``[N, D]`` points (``[N, 1]`` for scalar scores).
+        k: how many positions to return.
+        generator: the random stream of the draws; the draws run on the generator's device.
+        fill_order: positions in order of preference for the degenerate case; default: decreasing norm, ties to
+            the lower position.
+
+    Returns:
+        ``k`` distinct positions into ``points``, in the order they were picked.
+
+    Example::
+
+        >>> points = torch.tensor([[0.0], [1.0], [1.0], [10.0]])
+        >>> kmeans_pp_seeding(points, 4, torch.Generator().manual_seed(0))[0]
+        tensor(3)
+    """
+    _check_embeddings(points, "points")
+    _check_query_size(points.shape[0], k)
+    points = points.detach()
+    norms = torch.linalg.vector_norm(points, dim=1)
+    if fill_order is None:
+        fill_order = top_k(norms, norms.numel())
+    elif sorted(fill_order.tolist()) != list(range(points.shape[0])):
+        raise ValueError("fill_order must be a permutation of all positions into points")
+    first = int(torch.argmax(norms))
+    picked = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+    picked[first] = True
+    order = [first]
+    sq_dist = _sq_distances_to(points, points[first])
+    while len(order) < k:
+        # float64 on the generator's device: the draw is then the same whichever device scored the pool.
+        weights = sq_dist.masked_fill(picked, 0.0).to(device=generator.device, dtype=torch.float64)
+        if weights.sum() <= 0:
+            chosen = set(order)
+            remaining = [i for i in fill_order.tolist() if i not in chosen]
+            order.extend(remaining[: k - len(order)])
+            break
+        index = int(torch.multinomial(weights, 1, generator=generator))
+        order.append(index)
+        picked[index] = True
+        sq_dist = torch.minimum(sq_dist, _sq_distances_to(points, points[index]))
+    return torch.tensor(order, dtype=torch.long)

@@ -1,0 +1,100 @@
+"""BADGE: the closed-form gradient embedding against autograd, and k-means++ seeding's D² distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from saal_lightning.acquisition.selection import kmeans_pp_seeding
+from saal_lightning.acquisition.strategies.badge import BADGE, gradient_embedding
+from saal_lightning.models.backbones import small_cnn
+
+
+def autograd_embedding(model: nn.Module, head: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    """Per item: d CE(logits, argmax logits) / d (head.weight, head.bias), by autograd."""
+    rows = []
+    for item in inputs:
+        logits = model(item.unsqueeze(0))
+        loss = F.cross_entropy(logits, logits.argmax(dim=1))
+        params = [head.weight] if head.bias is None else [head.weight, head.bias]
+        rows.append(torch.cat([grad.flatten() for grad in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_embedding_matches_autograd_on_an_mlp(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=bias)).eval()
+    inputs = torch.randn(6, 4)
+    embedding = gradient_embedding(model, inputs)
+    assert embedding.shape == (6, 3 * 8 + (3 if bias else 0))
+    torch.testing.assert_close(embedding, autograd_embedding(model, model[2], inputs))
+
+
+def test_embedding_matches_autograd_on_small_cnn():
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=4, in_channels=1).eval()
+    inputs = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(gradient_embedding(model, inputs), autograd_embedding(model, model.head, inputs))
+
+
+def test_embedding_refuses_a_head_whose_output_is_not_the_logits():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.head(x)
+
+    with pytest.raises(ValueError, match="logits to come straight out"):
+        gradient_embedding(Scaled(), torch.zeros(2, 4))
+
+
+def test_first_pick_is_the_largest_norm_and_second_follows_d2():
+    # First centre: [3, 0]. Squared distances of the others: 9, 4, 10.
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    draws = 3000
+    counts = torch.zeros(4)
+    for seed in range(draws):
+        first, second = kmeans_pp_seeding(points, 2, torch.Generator().manual_seed(seed)).tolist()
+        assert first == 2
+        counts[second] += 1
+    expected = torch.tensor([9.0, 4.0, 0.0, 10.0]) / 23.0
+    # 3 standard errors of a frequency over 3000 draws is below 0.03.
+    torch.testing.assert_close(counts / draws, expected, atol=0.03, rtol=0.0)
+
+
+def test_seeding_is_reproducible_and_never_repeats():
+    points = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    first = kmeans_pp_seeding(points, 30, torch.Generator().manual_seed(7))
+    second = kmeans_pp_seeding(points, 30, torch.Generator().manual_seed(7))
+    assert first.tolist() == second.tolist()
+    assert sorted(first.tolist()) == list(range(30))
+
+
+def test_seeding_fills_by_norm_when_fewer_distinct_points_than_picks():
+    # Two distinct points: after both are centres every D² is 0, and the rest follow decreasing norm.
+    points = torch.tensor([[0.0], [2.0], [2.0], [0.0], [2.0]])
+    picks = kmeans_pp_seeding(points, 5, torch.Generator().manual_seed(0)).tolist()
+    assert picks[0] == 1 and picks[1] in (0, 3)
+    assert picks[2:] == [2, 4, 3 if picks[1] == 0 else 0]
+
+
+def test_seeding_with_an_explicit_fill_order():
+    points = torch.zeros(4, 1)
+    generator = torch.Generator()
+    assert kmeans_pp_seeding(points, 3, generator, fill_order=torch.tensor([3, 0, 2, 1])).tolist() == [0, 3, 2]
+    with pytest.raises(ValueError, match="permutation"):
+        kmeans_pp_seeding(points, 3, generator, fill_order=torch.tensor([0, 0, 1, 2]))
+
+
+def test_badge_selects_distinct_high_gradient_items(mlp):
+    inputs = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    strategy = BADGE()
+    embeddings = strategy.compute(mlp, inputs)
+    picks = strategy.select(embeddings, 10, torch.Generator().manual_seed(0))
+    assert len(set(picks.tolist())) == 10
+    assert picks[0] == int(torch.argmax(embeddings.norm(dim=1)))
