@@ -128,6 +128,20 @@ class AcquisitionCallback(Callback):
         self._accuracy: MulticlassAccuracy | None = None
         self._output_dir: Path | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the trainer with its callbacks. A torch.Generator pickles through a temporary state
+        # tensor that torch shares by file descriptor, and the temporary is freed before the child process
+        # opens it; plain bytes travel safely.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8)
+        state["generator"] = torch.Generator()
+        state["generator"].set_state(generator_state)
+        self.__dict__.update(state)
+
     @property
     def total_epochs(self) -> int:
         """Epochs the whole experiment trains: round 0 plus ``num_rounds`` acquisition rounds."""
