@@ -210,12 +210,30 @@ class AcquisitionCallback(Callback):
         self.strategy.on_train_batch_end(trainer, pl_module, batch)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A checkpoint written at a round's last epoch *before* this callback's epoch-end hook ran (a
+        # ModelCheckpoint that saves on validation end does that) resumes after a round end whose acquisition
+        # never happened. Finish that round now: the next epoch's dataloader reload sees the new labels.
+        missed = trainer.current_epoch // self.epochs_per_round - len(self.history)
+        if missed > 0:
+            log.warning("Resuming after the end of round %d, whose acquisition was not in the checkpoint: "
+                        "acquiring now.", len(self.history))
+            self._finish_round(trainer, pl_module, epoch=trainer.current_epoch - 1)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
         pl_module.log("al/round", float(len(self.history)), prog_bar=True)
         pl_module.log("al/num_labeled", float(len(datamodule.labeled_indices)), prog_bar=True)
         if (trainer.current_epoch + 1) % self.epochs_per_round:
             return
+        record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch)
+        pl_module.log("al/test_acc", record["test_acc"], prog_bar=True)
+        pl_module.log("al/best_test_acc", record["best_test_acc"])
+
+    def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
+        """Test, acquire (unless it is the last round), reset, and record the round that ended at ``epoch``."""
+        datamodule = trainer.datamodule
         round_index = len(self.history)
         train_seconds = time.perf_counter() - (self._round_started_at or time.perf_counter())
         num_labeled = len(datamodule.labeled_indices)
@@ -230,27 +248,24 @@ class AcquisitionCallback(Callback):
                 acquisition_seconds = round(time.perf_counter() - started, 4)
                 if self.reset_weights:
                     self._reset_model_and_optimizers(trainer, pl_module)
-        best = max([test_acc] + [row["test_acc"] for row in self.history])
-        self.history.append(
-            {
-                "round": round_index,
-                "num_labeled": num_labeled,
-                "test_acc": test_acc,
-                "best_test_acc": best,
-                "acquisition_seconds": acquisition_seconds,
-                "train_seconds": round(train_seconds, 4),
-                "num_acquired": acquired,
-                "pool_size": pool_size,
-                "strategy": self.strategy.name,
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-            }
-        )
-        pl_module.log("al/test_acc", test_acc, prog_bar=True)
-        pl_module.log("al/best_test_acc", best)
+        record = {
+            "round": round_index,
+            "num_labeled": num_labeled,
+            "test_acc": test_acc,
+            "best_test_acc": max([test_acc] + [row["test_acc"] for row in self.history]),
+            "acquisition_seconds": acquisition_seconds,
+            "train_seconds": round(train_seconds, 4),
+            "num_acquired": acquired,
+            "pool_size": pool_size,
+            "strategy": self.strategy.name,
+            "epoch": epoch,
+            "global_step": trainer.global_step,
+        }
+        self.history.append(record)
         if trainer.is_global_zero:
             self._write_records(datamodule)
         self._round_started_at = time.perf_counter()
+        return record
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -237,19 +237,24 @@ def test_saal_strategy_selects_the_top_k_saal_scores(tmp_path: Path) -> None:
     assert set(recorder.labelled_batches[0].tolist()) == set(pool[torch.topk(expected, 5).indices].tolist())
 
 
-def test_resume_from_a_round_checkpoint_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("save_on_train_epoch_end", [True, False], ids=["after-acquisition", "before-acquisition"])
+def test_resume_from_a_round_checkpoint_reproduces_the_uninterrupted_run(
+    tmp_path: Path, save_on_train_epoch_end: bool
+) -> None:
+    # Saving on validation end writes the round's last checkpoint *before* the acquisition ran; the resumed run
+    # must then acquire first, and still label exactly what the uninterrupted run labels.
     def run(root: Path, ckpt_path: str | None = None, stop_after_epochs: int | None = None):
         pl.seed_everything(0)
         datamodule = _datamodule()
+        datamodule.val_dataset = SyntheticImages(16, seed=2)
         acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=3,
                                           epochs_per_round=2, output_dir=str(root), plot=False)
         checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=2, save_top_k=-1,
-                                      save_on_train_epoch_end=True)
+                                      save_on_train_epoch_end=save_on_train_epoch_end)
         trainer = _trainer(root, [acquisition, checkpoints], enable_checkpointing=True)
         if stop_after_epochs is not None:
-            trainer.fit_loop.max_epochs = stop_after_epochs  # simulate a crash after that many epochs
 
-            class Stop(Callback):
+            class Stop(Callback):  # simulate a crash after that many epochs
                 def on_train_epoch_end(self, trainer, pl_module):
                     if trainer.current_epoch + 1 == stop_after_epochs:
                         trainer.should_stop = True
@@ -263,8 +268,9 @@ def test_resume_from_a_round_checkpoint_reproduces_the_uninterrupted_run(tmp_pat
     checkpoint = sorted((tmp_path / "crashed" / "ckpt").glob("*.ckpt"))[-1]
     assert "epoch=3" in checkpoint.name
     state = torch.load(checkpoint, weights_only=True)  # tensors and primitives only
-    assert any(key.startswith("AcquisitionCallback") for key in state["callbacks"])
-    assert "ActiveDataModule" in state
+    callback_state = next(v for k, v in state["callbacks"].items() if k.startswith("AcquisitionCallback"))
+    assert len(callback_state["history"]) == (2 if save_on_train_epoch_end else 1)
+    assert int((state["ActiveDataModule"]["labeled_round"] >= 0).sum()) == (16 if save_on_train_epoch_end else 12)
     resumed_dm, resumed_cb = run(tmp_path / "resumed", ckpt_path=str(checkpoint))
     assert torch.equal(resumed_dm.labeled_round, full_dm.labeled_round)
     assert [r["num_labeled"] for r in resumed_cb.history] == [8, 12, 16, 20]
