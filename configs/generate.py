@@ -29,6 +29,7 @@ DATASETS = {
     "cifar100": (1000, 10000, 100, 100),
 }
 
+NUM_ROUNDS, EPOCHS_PER_ROUND = 100, 50
 SAAL_OPTIONS = "{rho: 0.05, adaptive: true, mode: max}"
 STRATEGIES = {
     # file name: the YAML value of acquisition.strategy
@@ -59,7 +60,7 @@ trainer:
   accelerator: auto
   devices: 1
   num_sanity_val_steps: 0
-  log_every_n_steps: 10
+  log_every_n_steps: 1
   logger:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args:
@@ -71,6 +72,7 @@ trainer:
       init_args:
         save_last: true
         save_top_k: 0
+        every_n_epochs: {epochs_per_round}  # once per round, after its acquisition: a resumable state
         save_on_train_epoch_end: true
 model:
   backbone: resnet18
@@ -88,8 +90,8 @@ acquisition:
   strategy:{strategy_value}
   query_size: {query_size}
   pool_size: {pool_size}
-  num_rounds: 100
-  epochs_per_round: 50
+  num_rounds: {num_rounds}
+  epochs_per_round: {epochs_per_round}
   reset_weights: {reset_weights}
   seed: 123
 """
@@ -105,6 +107,7 @@ def render_all() -> dict[Path, str]:
                     dataset=dataset, strategy=strategy, optimizer=optimizer, strategy_value=strategy_value,
                     model_options=model_options, reset_weights=reset_weights, initial_labels=initial_labels,
                     pool_size=pool_size, query_size=query_size, batch_size=batch_size,
+                    num_rounds=NUM_ROUNDS, epochs_per_round=EPOCHS_PER_ROUND,
                 )
     return files
 
