@@ -85,3 +85,20 @@ def test_arguments_are_validated():
     strategy = SAALDiverse(rho=0.1, adaptive=True, mode="diff", space="gradient")
     assert strategy.needs_grad and strategy.name == "saal_diverse"
     assert repr(strategy) == "SAALDiverse(rho=0.1, adaptive=True, mode='diff', space='gradient')"
+
+
+def test_saal_strategy_passes_its_method_to_the_scorer(monkeypatch) -> None:
+    import saal_lightning.acquisition.strategies.saal as saal_module
+
+    seen = {}
+
+    def fake_scores(model, inputs, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(len(inputs))
+
+    monkeypatch.setattr(saal_module, "saal_scores", fake_scores)
+    SAALDiverse(rho=0.1, adaptive=True, mode="diff", chunk_size=7, method="first_order").compute(
+        torch.nn.Identity(), torch.zeros(3, 2))
+    assert seen == {"rho": 0.1, "adaptive": True, "mode": "diff", "chunk_size": 7, "method": "first_order"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        SAAL(method="loop")

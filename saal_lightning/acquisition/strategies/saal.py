@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saal_lightning.acquisition.saal_score import saal_scores
+from saal_lightning.acquisition.saal_score import APPROXIMATE_METHODS, EXACT_METHODS, saal_scores
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
 
 
@@ -21,6 +21,9 @@ class SAAL(AcquisitionStrategy):
         mode: ``"max"`` scores the perturbed loss (paper eq. 6); ``"diff"`` the perturbed minus the clean loss
             (the authors' ``Diff`` acquisition mode).
         chunk_size: items scored at once (``None`` lets :func:`saal_scores` bound the memory).
+        method: how :func:`saal_scores` computes the score: ``"auto"`` (exact, the fastest path the model
+            allows), ``"hooks"`` or ``"vmap"`` (exact), or the labelled approximations ``"first_order"``
+            (loss + rho ||g||) and ``"last_layer"`` (only the classifier head perturbed).
 
     Example::
 
@@ -30,21 +33,31 @@ class SAAL(AcquisitionStrategy):
     name = "saal"
     needs_grad = True
 
-    def __init__(self, rho: float = 0.05, adaptive: bool = False, mode: str = "max", chunk_size: int | None = None):
+    def __init__(
+        self,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        mode: str = "max",
+        chunk_size: int | None = None,
+        method: str = "auto",
+    ) -> None:
         if rho <= 0:
             raise ValueError(f"rho must be positive, got {rho}")
         if mode not in ("max", "diff"):
             raise ValueError(f"mode must be 'max' or 'diff', got {mode!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        if method not in EXACT_METHODS + APPROXIMATE_METHODS:
+            raise ValueError(f"method must be one of {EXACT_METHODS + APPROXIMATE_METHODS}, got {method!r}")
         self.rho = rho
         self.adaptive = adaptive
         self.mode = mode
         self.chunk_size = chunk_size
+        self.method = method
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return saal_scores(model, inputs, rho=self.rho, adaptive=self.adaptive, mode=self.mode,
-                           chunk_size=self.chunk_size)
+                           chunk_size=self.chunk_size, method=self.method)
 
     def __repr__(self) -> str:
-        return f"SAAL(rho={self.rho}, adaptive={self.adaptive}, mode={self.mode!r})"
+        return f"SAAL(rho={self.rho}, adaptive={self.adaptive}, mode={self.mode!r}, method={self.method!r})"

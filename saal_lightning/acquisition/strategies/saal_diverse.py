@@ -34,7 +34,7 @@ class SAALDiverse(SAAL):
     ("following the same practice from BADGE"); Ash et al. (ICLR 2020) for the seeding.
 
     Args:
-        rho, adaptive, mode, chunk_size: the SAAL score's options, as in :class:`SAAL`.
+        rho, adaptive, mode, chunk_size, method: the SAAL score's options, as in :class:`SAAL`.
         space: ``"score"`` (the authors' 1-D seeding) or ``"gradient"`` (score-weighted gradient embeddings).
 
     Example::
@@ -52,9 +52,10 @@ class SAALDiverse(SAAL):
         adaptive: bool = False,
         mode: str = "max",
         chunk_size: int | None = None,
+        method: str = "auto",
         space: Literal["score", "gradient"] = "score",
     ) -> None:
-        super().__init__(rho=rho, adaptive=adaptive, mode=mode, chunk_size=chunk_size)
+        super().__init__(rho=rho, adaptive=adaptive, mode=mode, chunk_size=chunk_size, method=method)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         self.space = space

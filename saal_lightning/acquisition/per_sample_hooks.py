@@ -1,0 +1,454 @@
+"""The fast exact SAAL engine: per-sample gradients from layer hooks, and a per-sample-perturbed batched forward.
+
+Phase 1 runs the model once, batched, with forward hooks on the known layers (``nn.Linear``, ``nn.Conv2d``,
+BatchNorm) that keep each layer's input and register a tensor hook for its output gradient; one backward of the
+summed pseudo-label loss, stopped at the layers' outputs (no weight gradients), fills those in. Items do not
+interact in eval mode, so item i's part of it is the gradient of its own loss. Every linear or conv layer is seen
+as a matrix map: its output for item i is W A_i (+ b), with A_i the [d, T] (unfolded) input, so its per-sample
+weight gradient is G_i = B_i A_i^T for the [p, T] output gradient B_i. Its part of the norm is taken one of three
+ways:
+
+* ``"ghost"`` (plain ball, few positions T): ||G_i||^2 = <A_i^T A_i, B_i^T B_i>, costing T^2 (d + p) instead of
+  T p d, and nothing of size p x d is ever formed;
+* ``"dense"``: G_i is materialised (plain ball where T (d + p) >= p d, e.g. the high-resolution layers of a
+  ResNet; every multi-position layer for the adaptive ball, where w^2 * G_i has no low-rank form);
+* ``"rank1"`` (adaptive ball, T = 1, e.g. a classifier head): || |W| * b a^T ||^2 = (b^2)^T W^2 (a^2).
+
+BatchNorm's per-sample gradients are per-channel sums of x_hat * delta and of delta.
+
+Phase 2 runs the model's forward again, batched, with each known layer's ``forward`` swapped for one that applies
+the weights theta + eps_i of item i to that layer's *perturbed* input A'_i (never the clean activations): ``dense``:
+a batched product with the per-item weights W + eps_i; ``ghost``: the usual batched layer plus the low-rank term
+c_i B_i (A_i^T A'_i); ``rank1``: the usual layer plus c_i b_i * (W^2 (a_i * A'_i)); BatchNorm: a per-item scale
+and shift. The adaptive ball's wide layers (T (d + p) < p d) do not keep their per-sample gradients between the
+phases; they recompute them in phase 2, in cache-sized groups of items, so that only one group's are alive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from saal_lightning.acquisition.scoring_common import (
+    DENOMINATOR_EPS,
+    check_logits,
+    element_size,
+    probe_leaf_calls,
+)
+
+
+def _is_fast_affine(module: nn.Module) -> bool:
+    if "forward" in vars(module):  # an instance-level forward (monkeypatched): phase 2 could not swap it safely
+        return False
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    if isinstance(module, nn.Conv2d):
+        return (
+            type(module).forward is nn.Conv2d.forward
+            and type(module)._conv_forward is nn.Conv2d._conv_forward
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+    return False
+
+
+def _is_fast_batchnorm(module: nn.Module) -> bool:
+    # Without running statistics an eval-mode BatchNorm normalises with batch statistics, mixing the items.
+    return (
+        isinstance(module, _BatchNorm)
+        and "forward" not in vars(module)
+        and type(module).forward is _BatchNorm.forward
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def _fast_layers(model: nn.Module) -> list[nn.Module]:
+    """The known layers that own at least one trainable parameter, in registration order."""
+    return [
+        m for m in model.modules()
+        if (_is_fast_affine(m) or _is_fast_batchnorm(m)) and any(p.requires_grad for p in m.parameters(False))
+    ]
+
+
+def hooks_problems(model: nn.Module) -> list[str]:
+    """Why the hook engine cannot score ``model``; empty when it can."""
+    problems = []
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.parameters())):
+        problems.append("a parameter is shared between modules")
+    for name, module in model.named_modules():
+        label = f"{name or 'the model'} ({type(module).__name__})"
+        own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if parametrize.is_parametrized(module):
+            problems.append(f"{label} has parametrizations")
+        elif isinstance(module, _BatchNorm) and not _is_fast_batchnorm(module):
+            problems.append(f"{label} is a BatchNorm without running statistics or with a custom forward")
+        elif own and not ((_is_fast_affine(module) or _is_fast_batchnorm(module)) and own <= {"weight", "bias"}):
+            problems.append(f"{label} has trainable parameters and is not a supported layer")
+    return problems
+
+
+def _weight_kind(positions: int, d: int, p: int, adaptive: bool) -> str:
+    if adaptive:
+        return "rank1" if positions == 1 else "dense"
+    # Fewer multiply-adds decides; it also means less memory, as dense keeps p*d and ghost keeps T*(d+p) per item.
+    return "ghost" if positions * (d + p) < p * d else "dense"
+
+
+# Elements of per-sample gradients formed at a time where they are not kept: on CPU a cache-sized group (4 MiB in
+# float32); on accelerators, where one big kernel beats many small ones, up to 256 MiB.
+_CACHE_BLOCK = 1 << 20
+_DEVICE_BLOCK = 1 << 26
+
+
+class Scratch:
+    """Buffers reused across the layers and chunks of one scoring call, for the big per-item temporaries.
+
+    A fresh multi-megabyte CPU tensor is page-faulted in on its first write at a few GB/s: on the 2-core benchmark
+    machine, writing ResNet-18's [64, 512, 4608] per-sample gradients into a new tensor took 4x as long as into a
+    reused one. So unfolded inputs and per-sample gradients live in buffers kept for the whole call.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    def get(self, key: object, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (``like``'s dtype and device), sharing memory with earlier calls for
+        the same key: a buffer must not be taken again under its key while still in use."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+            self._buffers.pop(key, None)  # let the old one go before the new one is allocated
+            buffer = self._buffers[key] = like.new_empty(size)
+        return buffer[:size].view(shape)
+
+
+def _unfold(x: torch.Tensor, conv: nn.Conv2d, scratch: Scratch, key: str) -> torch.Tensor:
+    """``F.unfold`` for the conv's geometry, [N, C, H, W] -> [N, C*kh*kw, T], as one strided copy into ``scratch``.
+
+    Same values as ``F.unfold``, which on CPU is 10-100x slower (2 s for 256 one-channel 28x28 images).
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw].permute(0, 1, 4, 5, 2, 3)  # [N, C, kh, kw, OH, OW]
+    n, c, _, _, oh, ow = windows.shape
+    out = scratch.get(key, (n, c * kh * kw, oh * ow), x)
+    out.view(windows.shape).copy_(windows)
+    return out
+
+
+@dataclass
+class _Call:
+    """One call of a known layer in phase 1: its input and output and, after backward, its output gradient.
+
+    The input is kept for the layer's per-sample gradient and checked afterwards not to have been changed in place
+    (autograd's own check does not cover the first layers, as the backward stops at their outputs). The output
+    may be changed in place (an in-place ReLU): a tensor hook registered before that still receives the gradient
+    of the value the layer made.
+    """
+
+    input: torch.Tensor
+    input_version: int
+    output: torch.Tensor
+    output_version: int
+    grad: torch.Tensor | None = None
+
+
+def _store_grad(call: _Call, grad: torch.Tensor) -> None:
+    call.grad = grad
+
+
+def _trainable_parameter(module: nn.Module) -> nn.Parameter:
+    return next(p for p in module.parameters(recurse=False) if p.requires_grad)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)  # cat copies even a single tensor
+
+
+class _AffineLayer:
+    """One ``nn.Linear`` or ``nn.Conv2d`` as a matrix map: output_i = W A_i + b, A_i the [d, T] (unfolded) input.
+
+    Built from phase 1's calls (computing ``sq_norm``, this layer's share of ||g_i||^2); after :meth:`set_scale`,
+    :meth:`perturbed_forward` replaces the module's forward for phase 2.
+    """
+
+    def __init__(self, module: nn.Module, calls: list[_Call], adaptive: bool, for_perturbation: bool,
+                 scratch: Scratch) -> None:
+        self.module = module
+        self.adaptive = adaptive
+        self.scratch = scratch
+        self.inputs = [call.input for call in calls]
+        inputs = self._input_matrix(self.inputs, "unfolded")  # [N, d, T]
+        out_grads = _cat([self._output_matrix(call.grad) for call in calls], dim=2)  # [N, p, T]
+        weight, bias = module.weight, module.bias
+        self.w = weight.reshape(weight.shape[0], -1)  # [p, d]
+        self.w_squared = self.w.square() if adaptive else None
+        self.kind = _weight_kind(inputs.shape[2], *self.w.shape[::-1], adaptive) if weight.requires_grad else None
+        squares = []
+        self.bias_grad = out_grads.sum(2) if bias is not None and bias.requires_grad else None
+        if self.bias_grad is not None:
+            squares.append(((bias.abs() * self.bias_grad) if adaptive else self.bias_grad).square().sum(1))
+        self.out_grads: torch.Tensor | None = out_grads
+        self.perturbed_weight: torch.Tensor | None = None
+        if self.kind == "ghost":
+            grams = torch.bmm(inputs.transpose(1, 2), inputs) * torch.bmm(out_grads.transpose(1, 2), out_grads)
+            squares.append(grams.sum((1, 2)))
+        elif self.kind == "rank1":
+            a2, b2 = inputs[:, :, 0].square(), out_grads[:, :, 0].square()
+            squares.append((b2 @ self.w_squared * a2).sum(1))
+        elif self.kind == "dense":
+            n, (p, d) = inputs.shape[0], self.w.shape
+            if for_perturbation and inputs.shape[2] * (d + p) >= p * d:
+                # Keep the per-sample gradients for phase 2: they are no bigger than the inputs and output gradients
+                # they replace (always so for the plain ball, by the choice of kind).
+                kept = scratch.get(("kept", module), (n, p, d), inputs)
+                grads = torch.bmm(out_grads, inputs.transpose(1, 2), out=kept)
+                if adaptive:
+                    grads.mul_(self.w.abs())  # |W| * G: the norm's terms, and the step is c |W| (|W| * G)
+                squares.append(torch.linalg.vector_norm(grads, dim=(1, 2)).square())
+                self.perturbed_weight, self.inputs, self.out_grads = grads, [], None
+            else:  # only the norm now (the adaptive ball's wide layers recompute the gradients in phase 2)
+                norms = torch.empty_like(inputs[:, 0, 0])
+                w_abs = self.w.abs() if adaptive else None
+                for group, grads in self._grad_groups(inputs):
+                    norms[group] = torch.linalg.vector_norm(grads.mul_(w_abs) if adaptive else grads, dim=(1, 2))
+                squares.append(norms.square())
+        self.sq_norm = sum(squares[1:], squares[0])
+        self.bias_step: torch.Tensor | None = None
+
+    def _grad_groups(self, inputs: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(items, their per-sample gradients G_i = B_i A_i^T) in groups of about ``_CACHE_BLOCK`` elements.
+
+        Using G_i (for a norm, or the adaptive step W + c W^2 * G_i) is memory-bound: each G_i is written, scaled
+        and read again. Kept in cache one group at a time, ResNet-18's layer4 steps ran ~1.6x faster than as one
+        [N, p, d] pass (and need no [N, p, d] buffer).
+        """
+        n = inputs.shape[0]
+        block = _CACHE_BLOCK if inputs.device.type == "cpu" else _DEVICE_BLOCK
+        size = max(1, min(n, block // self.w.numel()))
+        buffer = self.scratch.get("grads", (size, *self.w.shape), inputs)
+        for start in range(0, n, size):
+            group = slice(start, min(n, start + size))
+            items = group.stop - group.start
+            yield group, torch.bmm(self.out_grads[group], inputs[group].transpose(1, 2), out=buffer[:items])
+
+    def _input_matrix(self, inputs: list[torch.Tensor], key: str) -> torch.Tensor:
+        if isinstance(self.module, nn.Conv2d):
+            if len(inputs) == 1:
+                return _unfold(inputs[0], self.module, self.scratch, key)
+            # A layer called several times: cat copies anyway, so each unfold gets its own throwaway buffer.
+            return torch.cat([_unfold(x, self.module, Scratch(), key) for x in inputs], dim=2)
+        return _cat([x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2) for x in inputs], dim=2)
+
+    def _output_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        """An output-shaped tensor ([N, p, H, W] or [N, ..., p]) as [N, p, T] (a view)."""
+        if isinstance(self.module, nn.Conv2d):
+            return y.flatten(2)
+        return y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
+
+    def _fold(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[N, p, T] back to the layer's output shape for input ``x``."""
+        if isinstance(self.module, nn.Conv2d):
+            (kh, _), (dh, _), (ph, _), (sh, _) = (self.module.kernel_size, self.module.dilation, self.module.padding,
+                                                  self.module.stride)
+            height = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            return y.reshape(y.shape[0], y.shape[1], height, -1)
+        return y.transpose(1, 2).reshape(*x.shape[:-1], y.shape[1])
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Fix c_i = rho / ||g_i|| before the perturbed forward."""
+        kept = self.perturbed_weight
+        if kept is not None and self.adaptive:  # kept holds |W| * G: W + c |W| (|W| * G)
+            torch.addcmul(self.w, kept.mul_(scale.view(-1, 1, 1)), self.w.abs(), out=kept)
+        elif kept is not None:
+            torch.addcmul(self.w, kept, scale.view(-1, 1, 1), out=kept)
+        elif self.kind is not None:
+            self.out_grads.mul_(scale.view(-1, 1, 1))  # every other step is linear in c_i B_i
+        if self.bias_grad is not None:
+            bias = self.module.bias
+            self.bias_step = scale.view(-1, 1) * self.bias_grad * (bias.square() if self.adaptive else 1)
+
+    def perturbed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with weights theta + eps_i, applied to its (perturbed) input ``x``."""
+        if self.kind == "dense":
+            new = self._input_matrix([x], "unfolded")
+            if self.perturbed_weight is not None:
+                out = torch.bmm(self.perturbed_weight, new)
+            else:  # adaptive ball: recompute each item's step, W + c W^2 G, group by group (c is in out_grads)
+                out = x.new_empty(x.shape[0], self.w.shape[0], new.shape[2])
+                for group, weights in self._grad_groups(self._input_matrix(self.inputs, "unfolded_clean")):
+                    torch.addcmul(self.w, weights, self.w_squared, out=weights)
+                    torch.bmm(weights, new[group], out=out[group])
+            if self.module.bias is not None:
+                out += self.module.bias.unsqueeze(1)
+        else:
+            out = self._output_matrix(type(self.module).forward(self.module, x))  # the batched W x' + b
+            if self.kind is not None:
+                clean, new = self._input_matrix(self.inputs, "unfolded_clean"), self._input_matrix([x], "unfolded")
+                if self.kind == "ghost":
+                    out = torch.baddbmm(out, self.out_grads, torch.bmm(clean.transpose(1, 2), new))
+                else:  # rank1
+                    # [N, T', d] @ [d, p] folds the items into one matrix product (W^2 is shared)
+                    spread = torch.matmul((clean * new).transpose(1, 2), self.w_squared.T).transpose(1, 2)
+                    out = torch.addcmul(out, self.out_grads, spread)
+        if self.bias_step is not None:
+            out = out + self.bias_step.unsqueeze(2)
+        return self._fold(out, x)
+
+
+class _BatchNormLayer:
+    """One eval-mode BatchNorm: y = x * gamma / std + (beta - mean * gamma / std), per channel; perturbing gamma and
+    beta per item makes it a per-item scale and shift."""
+
+    def __init__(self, module: _BatchNorm, calls: list[_Call], adaptive: bool, for_perturbation: bool,
+                 scratch: Scratch) -> None:
+        self.module = module
+        self.adaptive = adaptive
+        self.inv_std = torch.rsqrt(module.running_var + module.eps)
+        # dL/dbeta = sum of delta; dL/dgamma = sum of x_hat * delta = (sum of x * delta - mean * sum of delta) / std
+        per_call = [(call.input.reshape(*call.input.shape[:2], -1), call.grad.reshape(*call.grad.shape[:2], -1))
+                    for call in calls]
+        bias_grad = sum(delta.sum(2) for _, delta in per_call)
+        grads = {"bias": bias_grad}
+        if module.weight.requires_grad:
+            grads["weight"] = self.inv_std * (sum(torch.einsum("nct,nct->nc", x, delta) for x, delta in per_call)
+                                               - module.running_mean * bias_grad)
+        self.grads = {name: g for name, g in grads.items() if getattr(module, name).requires_grad}
+        self.sq_norm = sum(((getattr(module, name).abs() * g) if adaptive else g).square().sum(1)
+                           for name, g in self.grads.items())
+        self.multiplier: torch.Tensor | None = None
+        self.offset: torch.Tensor | None = None
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        m = self.module
+        perturbed = {}
+        for name in ("weight", "bias"):
+            value = getattr(m, name)
+            if name in self.grads:
+                value = value + scale.view(-1, 1) * self.grads[name] * (value.square() if self.adaptive else 1)
+            perturbed[name] = value
+        self.multiplier = perturbed["weight"] * self.inv_std
+        self.offset = perturbed["bias"] - m.running_mean * self.multiplier
+
+    def perturbed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x * multiplier + offset per (item, channel), as an eval-mode batch norm over N * C channels with mean 0,
+        # variance 1 and eps 0: exact, and the same fast kernel as the clean layer.
+        n, c = x.shape[:2]
+        ones = x.new_ones(n * c)
+        weight, bias = self.multiplier.expand(n, c).reshape(-1), self.offset.expand(n, c).reshape(-1)
+        out = F.batch_norm(x.reshape(1, n * c, -1), torch.zeros_like(ones), ones, weight, bias, False, 0.0, 0.0)
+        return out.view(x.shape)
+
+
+def _phase_one(
+    model: nn.Module, x: torch.Tensor, adaptive: bool, for_perturbation: bool, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[nn.Module, _AffineLayer | _BatchNormLayer]]:
+    """Clean loss, pseudo labels, per-sample squared gradient norm and the per-layer state phase 2 needs."""
+    layers = _fast_layers(model)
+    calls: dict[nn.Module, list[_Call]] = {m: [] for m in layers}
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        call = _Call(args[0], args[0]._version, output, output._version)
+        calls[module].append(call)
+        output.register_hook(partial(_store_grad, call))
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            check_logits(logits, x)
+            pseudo = logits.argmax(dim=1)
+            clean = F.cross_entropy(logits, pseudo, reduction="none")
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Backward only as far as the layers' outputs: no weight gradient, and no input gradient of the first layer
+    # (slow for one-channel images). An output changed in place since is no longer the layer's output to autograd;
+    # the layer's own parameter stands in for it, and the hook fires on the way there.
+    targets = {}
+    for module, module_calls in calls.items():
+        for call in module_calls:
+            target = call.output if call.output._version == call.output_version else _trainable_parameter(module)
+            if target.requires_grad:
+                targets[id(target)] = target
+            call.output = None
+    if targets:
+        torch.autograd.grad(clean.sum(), list(targets.values()), allow_unused=True)
+    state: dict[nn.Module, _AffineLayer | _BatchNormLayer] = {}
+    with torch.no_grad():
+        for module, module_calls in calls.items():
+            if any(call.input._version != call.input_version for call in module_calls):
+                raise RuntimeError(f"the input of a {type(module).__name__} was modified in place after the layer "
+                                   "ran, so its per-sample gradients cannot be taken from it; use method='vmap'")
+            reached = [call for call in module_calls if call.grad is not None]  # others do not affect the loss
+            if reached:
+                kind = _BatchNormLayer if isinstance(module, _BatchNorm) else _AffineLayer
+                state[module] = kind(module, reached, adaptive, for_perturbation, scratch)
+        sq_norm = sum((layer.sq_norm for layer in state.values()), torch.zeros_like(clean))
+    return clean.detach(), pseudo, sq_norm, state
+
+
+def hooks_norms(model: nn.Module, x: torch.Tensor, adaptive: bool,
+                scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean pseudo-label loss and per-sample gradient norm (plain or adaptive), from one forward and backward."""
+    clean, _, sq_norm, _ = _phase_one(model, x, adaptive, False, scratch or Scratch())
+    return clean, sq_norm.sqrt()
+
+
+def hooks_losses(model: nn.Module, x: torch.Tensor, rho: float, adaptive: bool,
+                 scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and perturbed pseudo-label loss of every item in ``x`` (exact SAAL, models of known layers).
+
+    Pass the same ``scratch`` for every chunk of a pool so that its buffers are reused.
+    """
+    clean, pseudo, sq_norm, state = _phase_one(model, x, adaptive, True, scratch or Scratch())
+    # Swap each layer's forward for its per-item-perturbed one; everything between the layers runs as usual.
+    with torch.no_grad():
+        scale = rho / (sq_norm.sqrt() + DENOMINATOR_EPS)
+        for module, layer in state.items():
+            layer.set_scale(scale)
+            module.forward = layer.perturbed_forward
+        try:
+            perturbed = F.cross_entropy(model(x), pseudo, reduction="none")
+        finally:
+            for module in state:
+                del module.forward
+    return clean, perturbed
+
+
+def hooks_bytes_per_sample(model: nn.Module, probe: torch.Tensor, adaptive: bool) -> int:
+    """Rough peak working memory per item of :func:`hooks_losses`, from the layer shapes of one probe forward.
+
+    Counts what autograd keeps in phase 1 (twice the leaf modules' outputs, for the functional ops between them),
+    the known layers' stored inputs and output gradients, the plain ball's kept dense gradients, and the largest
+    temporaries (two unfolded inputs, Gram matrices). The adaptive ball's per-sample gradients live in one
+    cache-sized buffer whatever the chunk size, so they are not counted per item.
+    """
+    fast = set(_fast_layers(model))
+    calls = probe_leaf_calls(model, probe)
+    stored = largest_unfolded = largest_grams = 0
+    for call in calls:
+        if call.module not in fast:
+            continue
+        n_in, n_out = call.input_shape.numel(), call.output_shape.numel()
+        stored += n_in + n_out
+        if isinstance(call.module, _BatchNorm):
+            continue
+        p = call.output_shape[1] if isinstance(call.module, nn.Conv2d) else call.output_shape[-1]
+        positions, d = n_out // p, call.module.weight[0].numel()
+        kind = _weight_kind(positions, d, p, adaptive)
+        stored += p * d if kind == "dense" and positions * (d + p) >= p * d else 0  # kept per-sample gradients
+        largest_grams = max(largest_grams, 2 * positions**2 if kind == "ghost" else 0)
+        largest_unfolded = max(largest_unfolded, d * positions if isinstance(call.module, nn.Conv2d) else 0)
+    activations = sum(call.output_shape.numel() for call in calls)
+    return element_size(probe) * (2 * activations + stored + 2 * largest_unfolded + largest_grams)
