@@ -32,6 +32,18 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
+def uniform_random(num_items: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct positions out of ``num_items``, uniformly at random from ``generator`` (not the global RNG).
+
+    Example::
+
+        >>> uniform_random(5, 5, torch.Generator().manual_seed(0)).sort().values
+        tensor([0, 1, 2, 3, 4])
+    """
+    _check_query_size(num_items, k)
+    return torch.randperm(num_items, generator=generator)[:k]
+
+
 def _check_embeddings(embeddings: torch.Tensor, what: str) -> None:
     if embeddings.ndim != 2:
         raise ValueError(f"{what} must be one row per item (a 2-D tensor), got shape {tuple(embeddings.shape)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saal_lightning.acquisition.selection import uniform_random
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
 
 
@@ -34,7 +35,4 @@ class RandomSampling(AcquisitionStrategy):
         generator: torch.Generator,
         labeled_outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        num_items = pool_outputs.shape[0]
-        if not 1 <= query_size <= num_items:
-            raise ValueError(f"cannot select {query_size} items from a pool of {num_items}")
-        return torch.randperm(num_items, generator=generator)[:query_size]
+        return uniform_random(pool_outputs.shape[0], query_size, generator)
