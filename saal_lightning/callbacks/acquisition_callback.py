@@ -335,6 +335,7 @@ class AcquisitionCallback(Callback):
         pl_module.load_state_dict(self._initial_model_state)
         for optimizer, state in zip(trainer.optimizers, self._initial_optimizer_states, strict=True):
             optimizer.load_state_dict(deepcopy(state))
+        self.strategy.on_weights_reset(trainer, pl_module)
 
     def _write_records(self, datamodule: Any) -> None:
         assert self._output_dir is not None

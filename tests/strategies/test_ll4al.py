@@ -209,3 +209,19 @@ def test_loaded_state_must_fit_the_model():
 def test_arguments_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LL4AL(**kwargs)
+
+
+def test_weights_reset_restarts_the_loss_predictor_from_its_seeded_initialisation():
+    model = regression_model()
+    batch = (torch.randn(8, 2, generator=torch.Generator().manual_seed(1)), torch.zeros(8, dtype=torch.long))
+    fresh = LL4AL(feature_layers=["1"], seed=3)
+    fresh.on_train_batch_end(SINGLE_PROCESS, model, batch)
+    trained = LL4AL(feature_layers=["1"], seed=3)
+    for _ in range(5):
+        trained.on_train_batch_end(SINGLE_PROCESS, model, batch)
+    assert not torch.equal(trained.predictor.out.weight, fresh.predictor.out.weight)
+    trained.on_weights_reset(SINGLE_PROCESS, model)
+    assert trained.state_dict() == {}
+    trained.on_train_batch_end(SINGLE_PROCESS, model, batch)
+    for ours, theirs in zip(trained.predictor.parameters(), fresh.predictor.parameters(), strict=True):
+        assert torch.equal(ours, theirs)

@@ -9,7 +9,8 @@ A round's acquisition has two phases, so that it can be sharded across DDP ranks
    returns the *positions* (into the sampled pool) of the items to label. The default picks the top-k scores.
 
 Strategies that own extra networks (LL4AL, VAAL) use the lifecycle hooks :meth:`setup`,
-:meth:`on_train_batch_end` and :meth:`on_round_end`, and keep their state in :meth:`state_dict`.
+:meth:`on_train_batch_end`, :meth:`on_round_end` and :meth:`on_weights_reset`, and keep their state in
+:meth:`state_dict`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class AcquisitionStrategy:
 
     def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> None:
         """Called at the end of a round's training, before the pool is scored (VAAL trains here)."""
+
+    def on_weights_reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called after the callback restored the model's initial weights (``reset_weights=True``); a strategy
+        whose networks learn from the model's features (LL4AL) restarts them here too."""
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and primitives only: checkpoints load with ``weights_only=True``."""

@@ -252,6 +252,11 @@ class LL4AL(AcquisitionStrategy):
                 grad.copy_(averaged.view_as(grad))
         optimizer.step()
 
+    def on_weights_reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The classifier starts again from its initial weights, so the loss predictor (which learned the old
+        # model's losses) starts again too, from the same seeded initialisation, at the next training batch.
+        self.predictor, self._optimizer, self._feature_dims, self._pending_state = None, None, [], {}
+
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         if self.predictor is None and not self._pending_state:
             raise RuntimeError("LL4AL's loss-prediction module is untrained: it learns during training batches")
