@@ -63,3 +63,15 @@ def write_fashion(folder: Path, compressed: bool, train_count: int = 30, test_co
                 handle.write(idx_bytes(array))
         else:
             (folder / name).write_bytes(idx_bytes(array))
+
+
+class TinyMLP(torch.nn.Module):
+    """A user's own classifier, for the `class_path` backbone test: flatten, one hidden layer, logits."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -97,3 +97,12 @@ def test_module_entry_point_answers_help() -> None:
                             timeout=120, cwd=REPO)
     assert result.returncode == 0
     assert "fit" in result.stdout
+
+
+def test_any_backbone_by_class_path(tmp_path: Path, tiny_fashion_mnist: Path) -> None:
+    backbone = '{"class_path": "tests.synthetic_data.TinyMLP", "init_args": {"in_features": 784, "num_classes": 10}}'
+    main(["fit", "--config", QUICKSTART, *_tiny_overrides(tmp_path, tiny_fashion_mnist), "--model.backbone", backbone,
+          "--acquisition.strategy", "entropy"])
+    run_dir = next((tmp_path / "runs" / "quickstart").glob("version_*"))
+    assert "class_path: tests.synthetic_data.TinyMLP" in (run_dir / "config.yaml").read_text()
+    assert len((run_dir / "rounds.csv").read_text().strip().splitlines()) == 4  # header + 3 rounds
