@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the saal commands without running them")
     args, extra = parser.parse_known_args(argv)
     extra = (QUICK_OVERRIDES if args.quick else []) + extra  # unknown arguments go to every `saal fit`
+    sys.argv = sys.argv[:1]  # parsed: LightningCLI must see only the arguments this script passes it
     if not args.summarize_only:
         for optimizer in args.optimizers:
             for strategy in args.strategies:
