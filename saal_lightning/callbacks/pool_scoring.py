@@ -73,6 +73,10 @@ def score_items(
     advance: Callable[[int], None],
 ) -> torch.Tensor:
     """``strategy.compute`` over the dataset items ``indices``, sharded across ranks, gathered in order."""
+    if 0 < len(indices) < trainer.world_size:
+        # A rank without items could not tell the others the shape of its (empty) outputs for the gather.
+        raise ValueError(f"cannot split {len(indices)} items across {trainer.world_size} ranks: every rank needs "
+                         "at least one item to score (raise pool_size or use fewer devices)")
     positions = shard_positions(len(indices), trainer.global_rank, trainer.world_size)
     local = compute_outputs(strategy, model, make_loader(indices[positions]), device, advance)
     return gather_in_order(trainer, local, len(indices)).cpu()

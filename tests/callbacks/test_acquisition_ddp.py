@@ -81,3 +81,14 @@ def test_two_process_acquisition_agrees_across_ranks(tmp_path: Path) -> None:
         assert gathered.shape == (31,) and torch.isfinite(gathered).all()
     record = json.loads((tmp_path / "labeled_indices.json").read_text())
     assert record["num_labeled"] == 18 and record["completed_rounds"] == 3
+
+
+def test_a_pool_smaller_than_the_number_of_ranks_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from saal_lightning.callbacks.pool_scoring import score_items, shard_positions
+
+    assert shard_positions(5, 1, 2).tolist() == [1, 3]
+    trainer = SimpleNamespace(world_size=4, global_rank=0)
+    with pytest.raises(ValueError, match="cannot split 3 items across 4 ranks"):
+        score_items(trainer, Entropy(), torch.nn.Identity(), None, torch.arange(3), torch.device("cpu"), print)
