@@ -92,3 +92,27 @@ def test_a_pool_smaller_than_the_number_of_ranks_is_refused() -> None:
     trainer = SimpleNamespace(world_size=4, global_rank=0)
     with pytest.raises(ValueError, match="cannot split 3 items across 4 ranks"):
         score_items(trainer, Entropy(), torch.nn.Identity(), None, torch.arange(3), torch.device("cpu"), print)
+
+
+class WriteLabeledSet(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        path = Path(self.out_dir, f"final-rank{trainer.global_rank}.json")
+        path.write_text(json.dumps(trainer.datamodule.labeled_indices.tolist()))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo on CPU")
+def test_saal_acquisition_under_ddp_labels_the_same_items_on_every_rank(tmp_path: Path) -> None:
+    datamodule = ActiveDataModule(train_dataset=SyntheticImages(100, seed=0), test_dataset=SyntheticImages(20, seed=1),
+                                  initial_labels=8, batch_size=8, eval_batch_size=16)
+    acquisition = AcquisitionCallback("saal", query_size=6, pool_size=25, num_rounds=2, epochs_per_round=1,
+                                      output_dir=str(tmp_path), plot=False)
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, callbacks=[acquisition, WriteLabeledSet(str(tmp_path))])
+    trainer.fit(ActiveClassifier("small_cnn", num_classes=4, in_channels=1), datamodule=datamodule)
+    final = [json.loads((tmp_path / f"final-rank{rank}.json").read_text()) for rank in range(2)]
+    assert final[0] == final[1] and len(final[0]) == 8 + 2 * 6
+    assert json.loads((tmp_path / "labeled_indices.json").read_text())["labeled_indices"] == final[0]
