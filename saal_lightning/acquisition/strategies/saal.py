@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saal_lightning.acquisition.saal_score import APPROXIMATE_METHODS, EXACT_METHODS, saal_scores
+from saal_lightning.acquisition.saal_score import APPROXIMATE_METHODS, EXACT_METHODS, MODES, saal_scores
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
 
 
@@ -43,8 +43,8 @@ class SAAL(AcquisitionStrategy):
     ) -> None:
         if rho <= 0:
             raise ValueError(f"rho must be positive, got {rho}")
-        if mode not in ("max", "diff"):
-            raise ValueError(f"mode must be 'max' or 'diff', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         if method not in EXACT_METHODS + APPROXIMATE_METHODS:
