@@ -35,7 +35,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from saal_lightning.acquisition.strategies import AcquisitionStrategy, build_strategy
-from saal_lightning.callbacks.pool_scoring import broadcast_from_rank_zero, score_items
+from saal_lightning.callbacks.pool_scoring import (
+    broadcast_from_rank_zero,
+    destroy_process_group_at_exit,
+    score_items,
+)
 from saal_lightning.reporting.learning_curve import plot_learning_curves
 from saal_lightning.reporting.progress import acquisition_progress
 from saal_lightning.reporting.round_log import write_labeled_indices, write_rounds_csv
@@ -177,6 +181,7 @@ class AcquisitionCallback(Callback):
                 self.total_epochs, self.epochs_per_round, self.num_rounds, trainer.max_epochs,
             )
             trainer.fit_loop.max_epochs = self.total_epochs
+        destroy_process_group_at_exit()
         # trainer.log_dir broadcasts, so every rank must ask for it.
         self._output_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
 

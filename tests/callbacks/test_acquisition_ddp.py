@@ -116,3 +116,31 @@ def test_saal_acquisition_under_ddp_labels_the_same_items_on_every_rank(tmp_path
     final = [json.loads((tmp_path / f"final-rank{rank}.json").read_text()) for rank in range(2)]
     assert final[0] == final[1] and len(final[0]) == 8 + 2 * 6
     assert json.loads((tmp_path / "labeled_indices.json").read_text())["labeled_indices"] == final[0]
+
+
+def test_the_process_group_is_destroyed_once_at_exit(tmp_path: Path) -> None:
+    """A gloo group left alive at exit aborts torch 2.14 (SIGABRT) in some runs; the callback's hook destroys it."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit
+        import torch.distributed as dist
+        from saal_lightning.callbacks import pool_scoring
+
+        calls = []
+        def destroy():
+            calls.append(dist.is_initialized())
+            dist.destroy_process_group()
+        pool_scoring._destroy_dist_connection = destroy
+
+        pool_scoring.destroy_process_group_at_exit()  # no group yet: nothing to register
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        pool_scoring.destroy_process_group_at_exit()
+        pool_scoring.destroy_process_group_at_exit()  # a second fit in the same process must not register it twice
+        atexit._run_exitfuncs()
+        print(calls, dist.is_initialized())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True] False"  # destroyed exactly once, while it was alive
