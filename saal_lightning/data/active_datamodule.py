@@ -363,15 +363,6 @@ class ActiveDataModule(pl.LightningDataModule):
         chosen = torch.randperm(unlabeled.numel(), generator=generator)[:size]
         return unlabeled[chosen].sort().values
 
-    def check_budget(self, query_size: int) -> None:
-        """Raise ``ValueError`` unless ``query_size`` items can still be labeled (``1 <= query_size <= left``)."""
-        if query_size <= 0:
-            raise ValueError(f"query_size={query_size} must be positive")
-        if query_size > self.num_unlabeled:
-            raise ValueError(
-                f"query_size={query_size} is larger than what is left: {self.num_unlabeled} unlabeled items"
-            )
-
     def summary(self) -> dict[str, Any]:
         """Counts for logs: ``num_labeled``, ``num_unlabeled``, ``current_round``, ``labeled_per_class``."""
         labeled = self._train_targets()[self.labeled_indices]

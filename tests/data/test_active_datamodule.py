@@ -272,17 +272,12 @@ def test_sample_pool_properties():
     assert torch.equal(dm.sample_pool(30, torch.Generator()), dm.unlabeled_indices)
 
 
-def test_sample_pool_and_budget_beyond_what_is_left():
+def test_sample_pool_beyond_what_is_left():
     dm = make_dm()
     with pytest.raises(ValueError, match="more than is left: 30 unlabeled"):
         dm.sample_pool(31, torch.Generator())
     with pytest.raises(ValueError, match="must be positive"):
         dm.sample_pool(0, torch.Generator())
-    dm.check_budget(30)
-    with pytest.raises(ValueError, match="query_size=31 is larger than what is left: 30 unlabeled"):
-        dm.check_budget(31)
-    with pytest.raises(ValueError, match="must be positive"):
-        dm.check_budget(0)
 
 
 # ------------------------------------------------------------------------------------------------------ state
