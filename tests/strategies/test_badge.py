@@ -7,9 +7,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from saal_lightning.acquisition.selection import kmeans_pp_seeding
-from saal_lightning.acquisition.strategies.badge import BADGE, gradient_embedding
+from saal_lightning.acquisition.selection import OuterProducts, kmeans_pp_seeding
+from saal_lightning.acquisition.strategies.badge import (
+    BADGE,
+    gradient_embedding,
+    gradient_embedding_factors,
+    pack_factors,
+    unpack_factors,
+)
 from saal_lightning.models.backbones import small_cnn
+from tests.strategies.embedding_layout import dense_in_embedding_order
 
 
 def autograd_embedding(model: nn.Module, head: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
@@ -94,7 +101,66 @@ def test_seeding_with_an_explicit_fill_order():
 def test_badge_selects_distinct_high_gradient_items(mlp):
     inputs = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
     strategy = BADGE()
-    embeddings = strategy.compute(mlp, inputs)
-    picks = strategy.select(embeddings, 10, torch.Generator().manual_seed(0))
+    picks = strategy.select(strategy.compute(mlp, inputs), 10, torch.Generator().manual_seed(0))
     assert len(set(picks.tolist())) == 10
-    assert picks[0] == int(torch.argmax(embeddings.norm(dim=1)))
+    assert picks[0] == int(torch.argmax(gradient_embedding(mlp, inputs).norm(dim=1)))
+
+
+# ------------------------------------------------------------------------- factored embeddings (memory)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_factors_hold_the_embedding_in_c_plus_d_numbers(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=bias)).eval()
+    inputs = torch.randn(6, 4)
+    factors = gradient_embedding_factors(model, inputs)
+    assert factors.left.shape == (6, 3) and factors.right.shape == (6, 8 + bias)
+    torch.testing.assert_close(dense_in_embedding_order(factors, bias), gradient_embedding(model, inputs))
+    packed = pack_factors(factors)
+    assert packed.shape == (6, 1 + 3 + 8 + bias)  # vs 3 * (8 + bias) dense; 100 classes x 513: 615 vs 51,300
+    torch.testing.assert_close(unpack_factors(packed), factors)
+
+
+def test_outer_product_distances_match_dense_and_duplicates_are_exactly_zero():
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+    right = torch.randn(20, 7, generator=generator, dtype=torch.float64)
+    left[3], right[3] = left[0], right[0]  # an exact duplicate of point 0
+    points = OuterProducts(left, right)
+    dense = (left.unsqueeze(2) * right.unsqueeze(1)).flatten(1)
+    for position in (0, 5, 19):
+        expected = ((dense - dense[position]) ** 2).sum(1)
+        torch.testing.assert_close(points.sq_distances_to(position), expected, rtol=1e-12, atol=1e-12)
+    assert points.sq_distances_to(0)[[0, 3]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(points.norms(), dense.norm(dim=1))
+
+
+def test_factored_seeding_draws_what_dense_seeding_draws_on_a_trained_cnn():
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=4, in_channels=1).eval()
+    inputs = torch.randn(60, 1, 28, 28)
+    dense = gradient_embedding(model, inputs).double()
+    factors = gradient_embedding_factors(model, inputs)
+    factors = OuterProducts(factors.left.double(), factors.right.double())
+    for seed in range(20):
+        expected = kmeans_pp_seeding(dense, 15, torch.Generator().manual_seed(seed))
+        assert kmeans_pp_seeding(factors, 15, torch.Generator().manual_seed(seed)).tolist() == expected.tolist()
+
+
+def test_factored_seeding_fills_by_norm_when_points_repeat():
+    # Two distinct points, each twice: after both are centres every D² is exactly 0, as in the dense case.
+    left, right = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0]]), torch.ones(4, 1)
+    picks = kmeans_pp_seeding(OuterProducts(left, right), 4, torch.Generator().manual_seed(0)).tolist()
+    assert picks[0] == 1 and picks[1] in (0, 2) and sorted(picks) == [0, 1, 2, 3] and picks[2] == 3
+
+
+def test_unpacking_refuses_outputs_that_were_not_packed():
+    with pytest.raises(ValueError, match="not made by pack_factors"):
+        unpack_factors(torch.randn(5, 10))
+    with pytest.raises(ValueError, match="expected packed"):
+        unpack_factors(torch.randn(5))
+    rows = pack_factors(OuterProducts(torch.ones(2, 3), torch.ones(2, 4)))
+    rows[1, 0] = 2.0  # two rows that disagree on C
+    with pytest.raises(ValueError, match="same number of classes"):
+        unpack_factors(rows)

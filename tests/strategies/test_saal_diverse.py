@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saal_lightning.acquisition.strategies.badge import gradient_embedding
+from saal_lightning.acquisition.selection import OuterProducts
+from saal_lightning.acquisition.strategies.badge import gradient_embedding, pack_factors, unpack_factors
 from saal_lightning.acquisition.strategies.saal import SAAL
 from saal_lightning.acquisition.strategies.saal_diverse import SAALDiverse
+from tests.strategies.embedding_layout import dense_in_embedding_order
 
 
 def second_pick_frequencies(strategy: SAALDiverse, outputs: torch.Tensor, first: int, draws: int = 3000):
@@ -49,7 +51,8 @@ def test_score_space_picks_all_items_without_repeats():
 def test_gradient_space_weights_embeddings_by_the_score():
     # Embeddings are unit vectors, scores [2, 0, 1, -3]: points 2*e0, origin, e2, origin (clamped).
     # First centre 2*e0; squared distances of the others: 4, 5, 4.
-    outputs = torch.cat([torch.tensor([[2.0], [0.0], [1.0], [-3.0]]), torch.eye(4)], dim=1)
+    unit_vectors = pack_factors(OuterProducts(torch.eye(4), torch.ones(4, 1)))  # e_i ⊗ [1] = e_i
+    outputs = torch.cat([torch.tensor([[2.0], [0.0], [1.0], [-3.0]]), unit_vectors], dim=1)
     frequencies = second_pick_frequencies(SAALDiverse(space="gradient"), outputs, first=0)
     torch.testing.assert_close(frequencies, torch.tensor([0.0, 4.0, 5.0, 4.0]) / 13.0, atol=0.03, rtol=0.0)
 
@@ -58,7 +61,8 @@ def test_gradient_space_compute_is_score_then_embedding(mlp):
     inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     outputs = SAALDiverse(rho=0.05, adaptive=True, space="gradient").compute(mlp, inputs)
     torch.testing.assert_close(outputs[:, 0], SAAL(rho=0.05, adaptive=True).compute(mlp, inputs))
-    torch.testing.assert_close(outputs[:, 1:], gradient_embedding(mlp, inputs))
+    embedding = dense_in_embedding_order(unpack_factors(outputs[:, 1:]))
+    torch.testing.assert_close(embedding, gradient_embedding(mlp, inputs))
     picks = SAALDiverse(space="gradient").select(outputs, 3, torch.Generator().manual_seed(0))
     assert len(set(picks.tolist())) == 3
 

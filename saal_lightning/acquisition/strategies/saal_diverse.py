@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from saal_lightning.acquisition.selection import kmeans_pp_seeding, top_k
-from saal_lightning.acquisition.strategies.badge import gradient_embedding
+from saal_lightning.acquisition.selection import OuterProducts, kmeans_pp_seeding, top_k
+from saal_lightning.acquisition.strategies.badge import gradient_embedding_factors, pack_factors, unpack_factors
 from saal_lightning.acquisition.strategies.saal import SAAL
 
 SPACES = ("score", "gradient")
@@ -66,9 +66,9 @@ class SAALDiverse(SAAL):
             return scores
         # The closed-form embedding needs no autograd, although compute runs with it enabled for SAAL.
         with torch.no_grad():
-            embedding = gradient_embedding(model, inputs)
-        # Column 0 carries the score to select(); the rest is the embedding.
-        return torch.cat([scores.detach().to(embedding.dtype).unsqueeze(1), embedding], dim=1)
+            packed = pack_factors(gradient_embedding_factors(model, inputs))
+        # Column 0 carries the score to select(); the rest is the embedding's packed factors.
+        return torch.cat([scores.detach().to(packed.dtype).unsqueeze(1), packed], dim=1)
 
     def select(
         self,
@@ -87,7 +87,8 @@ class SAALDiverse(SAAL):
             scores, points = pool_outputs, pool_outputs.unsqueeze(1)
         else:
             scores = pool_outputs[:, 0]
-            points = pool_outputs[:, 1:] * scores.clamp_min(0.0).unsqueeze(1)
+            left, right = unpack_factors(pool_outputs[:, 1:])
+            points = OuterProducts(left * scores.clamp_min(0.0).unsqueeze(1), right)
         return kmeans_pp_seeding(points, query_size, generator, fill_order=top_k(scores, scores.numel()))
 
     def __repr__(self) -> str:
