@@ -41,7 +41,7 @@ from saal_lightning.callbacks.pool_scoring import (
     score_items,
 )
 from saal_lightning.reporting.learning_curve import plot_learning_curves
-from saal_lightning.reporting.progress import acquisition_progress
+from saal_lightning.reporting.progress import acquisition_progress, show_final_metrics
 from saal_lightning.reporting.round_log import write_labeled_indices, write_rounds_csv
 from saal_lightning.reporting.summary import print_round_summary
 
@@ -274,6 +274,7 @@ class AcquisitionCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        show_final_metrics(trainer, pl_module)
         if not (trainer.is_global_zero and self.plot and self.history and self._output_dir is not None):
             return
         title = f"{self.strategy.name}: {len(self.history)} rounds"

@@ -36,3 +36,16 @@ def acquisition_progress(trainer: pl.Trainer, total: int, description: str) -> I
             yield tqdm_bar.update
     else:
         yield lambda n: None
+
+
+def show_final_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Put the last epoch's logged values on the rich bar before it stops.
+
+    The bar reads the logged values in its own hooks. When its ``on_train_epoch_end`` runs before the callback
+    that logs the round's test accuracy (as in the CLI, where ``trainer.callbacks`` come first), the value shows
+    from the next batch on, and the last round's never would. Call from ``on_train_end``: the display stops
+    only at teardown, after every ``on_train_end``.
+    """
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar) and bar.is_enabled and bar.progress is not None:
+        bar.on_train_epoch_end(trainer, pl_module)  # refreshes the metrics column from progress_bar_metrics

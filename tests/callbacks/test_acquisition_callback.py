@@ -314,3 +314,22 @@ def test_misconfiguration_is_refused_with_a_fix(tmp_path: Path) -> None:
 def test_invalid_arguments_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AcquisitionCallback(**kwargs)
+
+
+def test_the_rich_bar_ends_showing_the_last_rounds_test_accuracy(tmp_path: Path) -> None:
+    import io
+    import re
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    screen = io.StringIO()
+    bar = RichProgressBar(console_kwargs={"file": screen, "force_terminal": True, "width": 300})
+    acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=1,
+                                      output_dir=str(tmp_path), plot=False)
+    # The bar first, as in the CLI (trainer.callbacks from the config, then the acquisition callback): its epoch-end
+    # refresh then runs before the round's test accuracy is logged.
+    _trainer(tmp_path, [bar, acquisition], enable_progress_bar=True).fit(_model(), datamodule=_datamodule())
+    shown = re.findall(r"al/test_acc: ([0-9.]+)", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()))
+    accuracies = [row["test_acc"] for row in acquisition.history]
+    assert accuracies[-1] != accuracies[-2]  # otherwise a one-round lag could not be seen
+    assert float(shown[-1]) == pytest.approx(accuracies[-1], abs=1e-3)
