@@ -1,27 +1,30 @@
 """The fast exact SAAL engine: per-sample gradients from layer hooks, and a per-sample-perturbed batched forward.
 
-Phase 1 runs the model once, batched, with forward hooks on the known layers (``nn.Linear``, ``nn.Conv2d``,
-BatchNorm) that keep each layer's input and register a tensor hook for its output gradient; one backward of the
-summed pseudo-label loss, stopped at the layers' outputs (no weight gradients), fills those in. Items do not
-interact in eval mode, so item i's part of it is the gradient of its own loss. Every linear or conv layer is seen
-as a matrix map: its output for item i is W A_i (+ b), with A_i the [d, T] (unfolded) input, so its per-sample
-weight gradient is G_i = B_i A_i^T for the [p, T] output gradient B_i. Its part of the norm is taken one of three
-ways:
+Phase 1 runs the model once, batched, with forward hooks on the known layers (``nn.Linear``, ``nn.Conv2d``, eval-mode
+BatchNorm, ``nn.LayerNorm``, ``nn.GroupNorm``) that keep each layer's input and register a tensor hook for its output
+gradient; one backward of the summed pseudo-label loss, stopped at the layers' outputs (no weight gradients), fills
+those in. Items do not interact in eval mode, so item i's part of it is the gradient of its own loss. Every linear or
+conv layer is seen as a matrix map: its output for item i is W A_i (+ b), with A_i the [d, T] (unfolded) input, so
+its per-sample weight gradient is G_i = B_i A_i^T for the [p, T] output gradient B_i. Its part of the norm is taken
+one of three ways:
 
 * ``"ghost"`` (plain ball, few positions T): ||G_i||^2 = <A_i^T A_i, B_i^T B_i>, costing T^2 (d + p) instead of
   T p d, and nothing of size p x d is ever formed;
-* ``"dense"``: G_i is materialised (plain ball where T (d + p) >= p d, e.g. the high-resolution layers of a
-  ResNet; every multi-position layer for the adaptive ball, where w^2 * G_i has no low-rank form);
+* ``"dense"``: G_i is materialised (plain ball where T (d + p) >= p d, e.g. the high-resolution layers of a ResNet;
+  every multi-position layer for the adaptive ball, where w^2 * G_i has no low-rank form);
 * ``"rank1"`` (adaptive ball, T = 1, e.g. a classifier head): || |W| * b a^T ||^2 = (b^2)^T W^2 (a^2).
 
-BatchNorm's per-sample gradients are per-channel sums of x_hat * delta and of delta.
+The normalisation layers' per-sample gradients are sums of x_hat * delta and of delta over everything but the item
+and the parameter's own axes (BatchNorm: x_hat from the running statistics; LayerNorm and GroupNorm: from the item's
+own statistics, which a perturbed gamma or beta leaves unchanged).
 
-Phase 2 runs the model's forward again, batched, with each known layer's ``forward`` swapped for one that applies
-the weights theta + eps_i of item i to that layer's *perturbed* input A'_i (never the clean activations): ``dense``:
-a batched product with the per-item weights W + eps_i; ``ghost``: the usual batched layer plus the low-rank term
-c_i B_i (A_i^T A'_i); ``rank1``: the usual layer plus c_i b_i * (W^2 (a_i * A'_i)); BatchNorm: a per-item scale
-and shift. The adaptive ball's wide layers (T (d + p) < p d) do not keep their per-sample gradients between the
-phases; they recompute them in phase 2, in cache-sized groups of items, so that only one group's are alive.
+Phase 2 runs the model's forward again, batched, with each known layer's ``forward`` swapped for one that applies the
+weights theta + eps_i of item i to that layer's *perturbed* input A'_i (never the clean activations): ``dense``: a
+batched product with the per-item weights W + eps_i; ``ghost``: the usual batched layer plus the low-rank term c_i
+B_i (A_i^T A'_i); ``rank1``: the usual layer plus c_i b_i * (W^2 (a_i * A'_i)); normalisation layers: a per-item
+scale and shift of x_hat. The adaptive ball's wide layers (T (d + p) < p d) do not keep their per-sample gradients
+between the phases; they recompute them in phase 2, in cache-sized groups of items, so that only one group's are
+alive.
 """
 
 from __future__ import annotations
@@ -72,12 +75,22 @@ def _is_fast_batchnorm(module: nn.Module) -> bool:
     )
 
 
+def _is_fast_item_norm(module: nn.Module) -> bool:
+    # LayerNorm and GroupNorm normalise each item with its own statistics, in train and eval mode alike.
+    return (
+        isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+        and "forward" not in vars(module)
+        and type(module).forward in (nn.LayerNorm.forward, nn.GroupNorm.forward)
+    )
+
+
+def _is_fast(module: nn.Module) -> bool:
+    return _is_fast_affine(module) or _is_fast_batchnorm(module) or _is_fast_item_norm(module)
+
+
 def _fast_layers(model: nn.Module) -> list[nn.Module]:
     """The known layers that own at least one trainable parameter, in registration order."""
-    return [
-        m for m in model.modules()
-        if (_is_fast_affine(m) or _is_fast_batchnorm(m)) and any(p.requires_grad for p in m.parameters(False))
-    ]
+    return [m for m in model.modules() if _is_fast(m) and any(p.requires_grad for p in m.parameters(False))]
 
 
 def hooks_problems(model: nn.Module) -> list[str]:
@@ -92,7 +105,7 @@ def hooks_problems(model: nn.Module) -> list[str]:
             problems.append(f"{label} has parametrizations")
         elif isinstance(module, _BatchNorm) and not _is_fast_batchnorm(module):
             problems.append(f"{label} is a BatchNorm without running statistics or with a custom forward")
-        elif own and not ((_is_fast_affine(module) or _is_fast_batchnorm(module)) and own <= {"weight", "bias"}):
+        elif own and not (_is_fast(module) and own <= {"weight", "bias"}):
             problems.append(f"{label} has trainable parameters and is not a supported layer")
     return problems
 
@@ -306,53 +319,133 @@ class _AffineLayer:
         return self._fold(out, x)
 
 
-class _BatchNormLayer:
-    """One eval-mode BatchNorm: y = x * gamma / std + (beta - mean * gamma / std), per channel; perturbing gamma and
-    beta per item makes it a per-item scale and shift."""
+class _NormLayer:
+    """A normalisation layer y = x_hat * gamma + beta: perturbing gamma and beta per item makes it a per-item scale
+    and shift of x_hat. Subclasses say how x_hat is formed and which axes gamma and beta run along."""
 
-    def __init__(self, module: _BatchNorm, calls: list[_Call], adaptive: bool, for_perturbation: bool,
+    def __init__(self, module: nn.Module, calls: list[_Call], adaptive: bool, for_perturbation: bool,
                  scratch: Scratch) -> None:
         self.module = module
         self.adaptive = adaptive
+        grads = self._gradients(calls)
+        self.grads = {name: g for name, g in grads.items()
+                      if getattr(module, name) is not None and getattr(module, name).requires_grad}
+        self.sq_norm = sum(((getattr(module, name).abs() * g) if adaptive else g).square().flatten(1).sum(1)
+                           for name, g in self.grads.items())
+        self.perturbed: dict[str, torch.Tensor | None] = {}
+
+    def _gradients(self, calls: list[_Call]) -> dict[str, torch.Tensor]:
+        """Per-item ``{"weight": [N, *param], "bias": [N, *param]}`` from phase 1's inputs and output gradients."""
+        weight_grad = bias_grad = 0
+        for call in calls:
+            weight_grad = weight_grad + self._to_parameter(self._normalize(call.input) * call.grad)
+            bias_grad = bias_grad + self._to_parameter(call.grad)
+        return {"weight": weight_grad, "bias": bias_grad}
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        for name in ("weight", "bias"):
+            value = getattr(self.module, name)
+            if name in self.grads:
+                step = self.grads[name] * (value.square() if self.adaptive else 1)
+                value = value + scale.view(-1, *[1] * (step.ndim - 1)) * step
+            self.perturbed[name] = value
+
+    def perturbed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._normalize(x)
+        weight, bias = self.perturbed["weight"], self.perturbed["bias"]
+        if weight is not None:
+            out = out * self._broadcast(weight, x)
+        if bias is not None:
+            out = out + self._broadcast(bias, x)
+        return out
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _to_parameter(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Sum an input-shaped tensor down to [N, *parameter shape]."""
+        raise NotImplementedError
+
+    def _broadcast(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A shared ([*param]) or per-item ([N, *param]) parameter, shaped to broadcast against ``x``."""
+        raise NotImplementedError
+
+
+class _BatchNormLayer(_NormLayer):
+    """Eval-mode BatchNorm: x_hat = (x - running_mean) / sqrt(running_var + eps), gamma and beta per channel."""
+
+    def __init__(self, module: _BatchNorm, calls: list[_Call], adaptive: bool, for_perturbation: bool,
+                 scratch: Scratch) -> None:
         self.inv_std = torch.rsqrt(module.running_var + module.eps)
-        # dL/dbeta = sum of delta; dL/dgamma = sum of x_hat * delta = (sum of x * delta - mean * sum of delta) / std
+        super().__init__(module, calls, adaptive, for_perturbation, scratch)
+
+    def _gradients(self, calls: list[_Call]) -> dict[str, torch.Tensor]:
+        # dL/dgamma = sum of x_hat * delta = (sum of x * delta - mean * sum of delta) / std: no x_hat is formed.
         per_call = [(call.input.reshape(*call.input.shape[:2], -1), call.grad.reshape(*call.grad.shape[:2], -1))
                     for call in calls]
         bias_grad = sum(delta.sum(2) for _, delta in per_call)
-        grads = {"bias": bias_grad}
-        if module.weight.requires_grad:
-            grads["weight"] = self.inv_std * (sum(torch.einsum("nct,nct->nc", x, delta) for x, delta in per_call)
-                                               - module.running_mean * bias_grad)
-        self.grads = {name: g for name, g in grads.items() if getattr(module, name).requires_grad}
-        self.sq_norm = sum(((getattr(module, name).abs() * g) if adaptive else g).square().sum(1)
-                           for name, g in self.grads.items())
-        self.multiplier: torch.Tensor | None = None
-        self.offset: torch.Tensor | None = None
-
-    def set_scale(self, scale: torch.Tensor) -> None:
-        m = self.module
-        perturbed = {}
-        for name in ("weight", "bias"):
-            value = getattr(m, name)
-            if name in self.grads:
-                value = value + scale.view(-1, 1) * self.grads[name] * (value.square() if self.adaptive else 1)
-            perturbed[name] = value
-        self.multiplier = perturbed["weight"] * self.inv_std
-        self.offset = perturbed["bias"] - m.running_mean * self.multiplier
+        weight_grad = self.inv_std * (sum(torch.einsum("nct,nct->nc", x, delta) for x, delta in per_call)
+                                      - self.module.running_mean * bias_grad)
+        return {"weight": weight_grad, "bias": bias_grad}
 
     def perturbed_forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * multiplier + offset per (item, channel), as an eval-mode batch norm over N * C channels with mean 0,
         # variance 1 and eps 0: exact, and the same fast kernel as the clean layer.
+        m = self.module
+        multiplier = self.perturbed["weight"] * self.inv_std
+        offset = self.perturbed["bias"] - m.running_mean * multiplier
         n, c = x.shape[:2]
         ones = x.new_ones(n * c)
-        weight, bias = self.multiplier.expand(n, c).reshape(-1), self.offset.expand(n, c).reshape(-1)
+        weight, bias = multiplier.expand(n, c).reshape(-1), offset.expand(n, c).reshape(-1)
         out = F.batch_norm(x.reshape(1, n * c, -1), torch.zeros_like(ones), ones, weight, bias, False, 0.0, 0.0)
         return out.view(x.shape)
 
 
+class _LayerNormLayer(_NormLayer):
+    """LayerNorm over the trailing ``normalized_shape`` axes; gamma and beta have that shape."""
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.module.normalized_shape, None, None, self.module.eps)
+
+    def _to_parameter(self, per_position: torch.Tensor) -> torch.Tensor:
+        shape = self.module.normalized_shape
+        return per_position.reshape(per_position.shape[0], -1, *shape).sum(1)
+
+    def _broadcast(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        shape = self.module.normalized_shape
+        if value.ndim == len(shape):
+            return value
+        return value.view(value.shape[0], *[1] * (x.ndim - 1 - len(shape)), *shape)
+
+
+class _GroupNormLayer(_NormLayer):
+    """GroupNorm: statistics per item and channel group; gamma and beta per channel (axis 1)."""
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.module.num_groups, None, None, self.module.eps)
+
+    def _to_parameter(self, per_position: torch.Tensor) -> torch.Tensor:
+        return per_position.reshape(*per_position.shape[:2], -1).sum(2)
+
+    def _broadcast(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        leading = (value.shape[0], channels) if value.ndim == 2 else (1, channels)
+        return value.reshape(*leading, *[1] * (x.ndim - 2))
+
+
+def _layer_state(module: nn.Module) -> type[_AffineLayer] | type[_NormLayer]:
+    if isinstance(module, _BatchNorm):
+        return _BatchNormLayer
+    if isinstance(module, nn.LayerNorm):
+        return _LayerNormLayer
+    if isinstance(module, nn.GroupNorm):
+        return _GroupNormLayer
+    return _AffineLayer
+
+
 def _phase_one(
     model: nn.Module, x: torch.Tensor, adaptive: bool, for_perturbation: bool, scratch: Scratch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[nn.Module, _AffineLayer | _BatchNormLayer]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[nn.Module, _AffineLayer | _NormLayer]]:
     """Clean loss, pseudo labels, per-sample squared gradient norm and the per-layer state phase 2 needs."""
     layers = _fast_layers(model)
     calls: dict[nn.Module, list[_Call]] = {m: [] for m in layers}
@@ -384,7 +477,7 @@ def _phase_one(
             call.output = None
     if targets:
         torch.autograd.grad(clean.sum(), list(targets.values()), allow_unused=True)
-    state: dict[nn.Module, _AffineLayer | _BatchNormLayer] = {}
+    state: dict[nn.Module, _AffineLayer | _NormLayer] = {}
     with torch.no_grad():
         for module, module_calls in calls.items():
             if any(call.input._version != call.input_version for call in module_calls):
@@ -392,8 +485,7 @@ def _phase_one(
                                    "ran, so its per-sample gradients cannot be taken from it; use method='vmap'")
             reached = [call for call in module_calls if call.grad is not None]  # others do not affect the loss
             if reached:
-                kind = _BatchNormLayer if isinstance(module, _BatchNorm) else _AffineLayer
-                state[module] = kind(module, reached, adaptive, for_perturbation, scratch)
+                state[module] = _layer_state(module)(module, reached, adaptive, for_perturbation, scratch)
         sq_norm = sum((layer.sq_norm for layer in state.values()), torch.zeros_like(clean))
     return clean.detach(), pseudo, sq_norm, state
 
@@ -442,7 +534,7 @@ def hooks_bytes_per_sample(model: nn.Module, probe: torch.Tensor, adaptive: bool
             continue
         n_in, n_out = call.input_shape.numel(), call.output_shape.numel()
         stored += n_in + n_out
-        if isinstance(call.module, _BatchNorm):
+        if not _is_fast_affine(call.module):  # normalisation layers keep nothing bigger than their input
             continue
         p = call.output_shape[1] if isinstance(call.module, nn.Conv2d) else call.output_shape[-1]
         positions, d = n_out // p, call.module.weight[0].numel()

@@ -16,9 +16,10 @@ Methods (``method=``):
 
 * ``"hooks"`` (exact, fast): one batched forward and backward records each layer's inputs A_i and output
   gradients B_i; the per-sample gradient of a layer is B_i^T A_i. Fast layers: ``nn.Linear``, ``nn.Conv2d``
-  (``groups=1``, zero padding given as numbers) and BatchNorm (1d/2d/3d, eval mode with running statistics), each
-  without parametrizations, shared parameters or an overridden ``forward``; any module without trainable
-  parameters (activations, pooling, dropout, flatten, containers) may sit between them. Plain ball: each layer
+  (``groups=1``, zero padding given as numbers), BatchNorm (1d/2d/3d, eval mode with running statistics),
+  ``nn.LayerNorm`` and ``nn.GroupNorm``, each without parametrizations, shared parameters or an overridden
+  ``forward``; any module without trainable parameters (activations, pooling, dropout, flatten, containers) may
+  sit between them. Plain ball: each layer
   either takes its per-sample gradient norm as a "ghost norm" <A_i A_i^T, B_i B_i^T> and perturbs its output by
   the low-rank term c_i B_i^T (A_i a'_i), or materialises its per-sample gradient where that is cheaper (many
   positions T, e.g. a ResNet's first stages). Adaptive ball: w^2 * g has no low-rank form, so conv layers

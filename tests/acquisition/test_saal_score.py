@@ -57,12 +57,33 @@ class Exotic(nn.Module):
         return self.head(torch.tanh(self.mix(torch.tanh(self.mix(pooled)))))
 
 
-class WithLayerNorm(nn.Module):
-    """A layer the hook engine does not know (LayerNorm with affine parameters): 'auto' must use vmap."""
+class Normalised(nn.Module):
+    """LayerNorm and GroupNorm, which normalise each item with its own statistics: GroupNorm after a conv, a
+    LayerNorm over tokens ([N, T, D]) with a frozen bias, a LayerNorm over two trailing axes, and one without bias."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.LayerNorm(8), nn.Tanh())
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.token_norm = nn.LayerNorm(4)
+        self.token_norm.bias.requires_grad_(False)
+        self.plane_norm = nn.LayerNorm([4, 4])
+        self.no_bias = nn.LayerNorm(4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(self.group(self.conv(x)))  # [N, 4, 2, 2]
+        tokens = torch.tanh(self.token_norm(out.flatten(2).transpose(1, 2)))  # [N, 4 positions, 4 channels]
+        plane = torch.tanh(self.plane_norm(tokens))  # normalised over both trailing axes
+        return self.head(self.no_bias(plane.mean(1)))
+
+
+class WithPReLU(nn.Module):
+    """A layer the hook engine does not know (PReLU has a trainable slope): 'auto' must use vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.PReLU())
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +108,16 @@ def _setup(name: str, n: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     if name == "exotic":
         shape = (2, 9, 9)
         model = _warm_batchnorm(Exotic(), shape, seed)
-    elif name == "layernorm":
+    elif name == "norms":
         shape = (3, 2, 2)
-        model = WithLayerNorm().to(DTYPE).eval()
+        model = Normalised().to(DTYPE).eval()
+        with torch.no_grad():  # gamma and beta away from their 1 and 0 initialisation
+            for norm in (model.group, model.token_norm, model.plane_norm, model.no_bias):
+                for parameter in norm.parameters():
+                    parameter.add_(0.3 * torch.randn(parameter.shape, dtype=DTYPE))
+    elif name == "prelu":
+        shape = (3, 2, 2)
+        model = WithPReLU().to(DTYPE).eval()
     else:
         shape = (1, 28, 28)
         model = _warm_batchnorm(build_backbone(name, num_classes=10, in_channels=1), shape, seed)
@@ -97,7 +125,7 @@ def _setup(name: str, n: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     return model, inputs
 
 
-MODELS = {"small_cnn": 5, "resnet18": 3, "exotic": 4, "layernorm": 4}
+MODELS = {"small_cnn": 5, "resnet18": 3, "exotic": 4, "norms": 4, "prelu": 4}
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +142,9 @@ def cases() -> dict:
     return out
 
 
-# The hook engine refuses the LayerNorm model (tested below); "auto" must fall back to vmap there.
+# The hook engine refuses the PReLU model (tested below); "auto" must fall back to vmap there.
 EXACT_CASES = [(name, method) for name in MODELS for method in ("hooks", "vmap", "auto")
-               if (name, method) != ("layernorm", "hooks")]
+               if (name, method) != ("prelu", "hooks")]
 
 
 @pytest.mark.parametrize("mode", ["max", "diff"])
@@ -138,11 +166,12 @@ def test_reference_agrees_with_a_different_radius_only_loosely(cases):
 
 
 def test_hooks_refuses_unknown_layers_and_auto_falls_back():
-    model, inputs = _setup("layernorm", 3)
+    model, inputs = _setup("prelu", 3)
     problems = hooks_problems(model)
-    assert any("LayerNorm" in p for p in problems)
-    with pytest.raises(ValueError, match="LayerNorm"):
+    assert any("PReLU" in p for p in problems)
+    with pytest.raises(ValueError, match="PReLU"):
         saal_scores(model, inputs, method="hooks")
+    assert hooks_problems(_setup("norms", 1)[0]) == []  # LayerNorm and GroupNorm are known layers
 
 
 def test_hooks_refuses_a_layer_input_changed_in_place():
@@ -207,7 +236,7 @@ def _first_order_reference(model, inputs, rho, adaptive):
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
-@pytest.mark.parametrize("name", ["small_cnn", "exotic", "layernorm"])  # hook norms (dense, ghost, rank1) and vmap
+@pytest.mark.parametrize("name", ["small_cnn", "exotic", "norms", "prelu"])  # every hook norm kind, and vmap
 def test_first_order_is_loss_plus_rho_times_gradient_norm(name, adaptive):
     model, inputs = _setup(name, 4)
     rho = 0.05
