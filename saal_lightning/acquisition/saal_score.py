@@ -48,6 +48,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,6 +103,12 @@ def _select_engine(method: str, model: nn.Module, rho: float, adaptive: bool) ->
     if method == "hooks" and problems:
         raise ValueError("method='hooks' cannot score this model: " + "; ".join(problems)
                          + ". Use method='vmap' (or 'auto', which falls back to it).")
+    if problems:
+        # Once per distinct message (Python's default warning filter): the fallback can be several times slower.
+        warnings.warn("saal_scores: the fast hook engine cannot score this model (" + "; ".join(problems)
+                      + "), so it uses the torch.func (vmap) engine: exact, but on CPU it can be slower than scoring "
+                      "one item at a time. Known layers: nn.Linear, nn.Conv2d, BatchNorm, nn.LayerNorm, nn.GroupNorm.",
+                      stacklevel=3)
     if method == "vmap" or problems:
         norms, losses, memory = vmap_norms, vmap_losses, vmap_bytes_per_sample
     else:

@@ -172,6 +172,8 @@ def test_hooks_refuses_unknown_layers_and_auto_falls_back():
     with pytest.raises(ValueError, match="PReLU"):
         saal_scores(model, inputs, method="hooks")
     assert hooks_problems(_setup("norms", 1)[0]) == []  # LayerNorm and GroupNorm are known layers
+    with pytest.warns(UserWarning, match=r"cannot score this model \(body.2 \(PReLU\).*torch.func"):
+        saal_scores(model, inputs, method="auto")
 
 
 def test_hooks_refuses_a_layer_input_changed_in_place():
