@@ -144,3 +144,38 @@ def test_the_process_group_is_destroyed_once_at_exit(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[True] False"  # destroyed exactly once, while it was alive
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gather_in_order_puts_2d_outputs_back_in_position_order(world_size: int) -> None:
+    """Rows of every rank's shard (BADGE's packed embeddings are 2-D) come back at their original positions."""
+    from types import SimpleNamespace
+
+    from saal_lightning.callbacks.pool_scoring import gather_in_order, shard_positions
+
+    outputs = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)  # row i is what position i's item scores
+    shards = [outputs[shard_positions(7, rank, world_size)] for rank in range(world_size)]
+    padded = []  # what each rank hands to all_gather (padded to equal length)
+    def record(t: torch.Tensor) -> torch.Tensor:
+        padded.append(t)
+        return t.expand(world_size, *t.shape)  # any stack of the right shape: this pass only records
+
+    recorder = SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(all_gather=record))
+    for shard in shards:
+        gather_in_order(recorder, shard, 7)
+    trainer = SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(all_gather=lambda t: torch.stack(padded)))
+    assert torch.equal(gather_in_order(trainer, shards[0], 7), outputs)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo on CPU")
+def test_badge_under_ddp_gathers_packed_embeddings_and_labels_the_same_items(tmp_path: Path) -> None:
+    datamodule = ActiveDataModule(train_dataset=SyntheticImages(100, seed=0), test_dataset=SyntheticImages(20, seed=1),
+                                  initial_labels=8, batch_size=8, eval_batch_size=16)
+    acquisition = AcquisitionCallback("badge", query_size=6, pool_size=25, num_rounds=1, epochs_per_round=1,
+                                      output_dir=str(tmp_path), plot=False)
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1, callbacks=[acquisition, WriteLabeledSet(str(tmp_path))])
+    trainer.fit(ActiveClassifier("small_cnn", num_classes=4, in_channels=1), datamodule=datamodule)
+    final = [json.loads((tmp_path / f"final-rank{rank}.json").read_text()) for rank in range(2)]
+    assert final[0] == final[1] and len(set(final[0])) == 8 + 6
