@@ -38,6 +38,13 @@ def test_embedding_matches_autograd_on_an_mlp(bias):
     embedding = gradient_embedding(model, inputs)
     assert embedding.shape == (6, 3 * 8 + (3 if bias else 0))
     torch.testing.assert_close(embedding, autograd_embedding(model, model[2], inputs))
+    # The same numbers as factors, which is what BADGE gathers and seeds on: C + D (+1) numbers per item.
+    factors = gradient_embedding_factors(model, inputs)
+    assert factors.left.shape == (6, 3) and factors.right.shape == (6, 8 + bias)
+    torch.testing.assert_close(dense_in_embedding_order(factors, bias), embedding)
+    packed = pack_factors(factors)
+    assert packed.shape == (6, 1 + 3 + 8 + bias)  # 100 classes x 512 features: 614 numbers instead of 51,300
+    torch.testing.assert_close(unpack_factors(packed), factors)
 
 
 def test_embedding_matches_autograd_on_small_cnn():
@@ -107,19 +114,6 @@ def test_badge_selects_distinct_high_gradient_items(mlp):
 
 
 # ------------------------------------------------------------------------- factored embeddings (memory)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_factors_hold_the_embedding_in_c_plus_d_numbers(bias):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=bias)).eval()
-    inputs = torch.randn(6, 4)
-    factors = gradient_embedding_factors(model, inputs)
-    assert factors.left.shape == (6, 3) and factors.right.shape == (6, 8 + bias)
-    torch.testing.assert_close(dense_in_embedding_order(factors, bias), gradient_embedding(model, inputs))
-    packed = pack_factors(factors)
-    assert packed.shape == (6, 1 + 3 + 8 + bias)  # vs 3 * (8 + bias) dense; 100 classes x 513: 615 vs 51,300
-    torch.testing.assert_close(unpack_factors(packed), factors)
 
 
 def test_outer_product_distances_match_dense_and_duplicates_are_exactly_zero():
