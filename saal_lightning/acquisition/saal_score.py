@@ -120,16 +120,11 @@ def _select_engine(method: str, model: nn.Module, rho: float, adaptive: bool) ->
     return _Engine(partial(losses, rho=rho, adaptive=adaptive), partial(memory, adaptive=adaptive))
 
 
-def _validate(model: object, inputs: object, rho: object, adaptive: object, mode: object, chunk_size: object,
-              method: object, max_memory: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must hold at least one item along dim 0, got shape {tuple(inputs.shape)}")
+def validate_scoring_options(rho: object, adaptive: object, mode: object, chunk_size: object, method: object,
+                             max_memory: object = None) -> None:
+    """Raise ``ValueError`` for an invalid option of :func:`saal_scores` (also checked where a strategy is built)."""
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-        raise ValueError(f"rho must be a positive finite number, got {rho!r}")
+        raise ValueError(f"rho must be positive and finite, got {rho!r}")
     if not isinstance(adaptive, bool):
         raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
     if mode not in MODES:
@@ -141,6 +136,17 @@ def _validate(model: object, inputs: object, rho: object, adaptive: object, mode
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if chunk_size is not None and max_memory is not None:
         raise ValueError("give chunk_size or max_memory, not both (max_memory only picks the chunk size)")
+
+
+def _validate(model: object, inputs: object, rho: object, adaptive: object, mode: object, chunk_size: object,
+              method: object, max_memory: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must hold at least one item along dim 0, got shape {tuple(inputs.shape)}")
+    validate_scoring_options(rho, adaptive, mode, chunk_size, method, max_memory)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters to perturb")
 

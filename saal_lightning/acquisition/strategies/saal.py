@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saal_lightning.acquisition.saal_score import APPROXIMATE_METHODS, EXACT_METHODS, MODES, saal_scores
+from saal_lightning.acquisition.saal_score import saal_scores, validate_scoring_options
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
 
 
@@ -41,14 +41,7 @@ class SAAL(AcquisitionStrategy):
         chunk_size: int | None = None,
         method: str = "auto",
     ) -> None:
-        if rho <= 0:
-            raise ValueError(f"rho must be positive, got {rho}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        if method not in EXACT_METHODS + APPROXIMATE_METHODS:
-            raise ValueError(f"method must be one of {EXACT_METHODS + APPROXIMATE_METHODS}, got {method!r}")
+        validate_scoring_options(rho, adaptive, mode, chunk_size, method)
         self.rho = rho
         self.adaptive = adaptive
         self.mode = mode
