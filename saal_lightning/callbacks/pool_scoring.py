@@ -89,7 +89,6 @@ def broadcast_from_rank_zero(trainer: pl.Trainer, value: Any) -> Any:
     return trainer.strategy.broadcast(value, src=0)
 
 
-
 def destroy_process_group_at_exit() -> None:
     """Destroy the default process group when this process exits, before C++ static destructors run.
 
