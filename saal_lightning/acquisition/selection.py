@@ -14,24 +14,30 @@ def _check_query_size(num_items: int, query_size: int) -> None:
         raise ValueError(f"cannot select {query_size} items from a pool of {num_items}")
 
 
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_k(scores: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Positions of the ``k`` largest scores, highest first.
 
-    Ties go to the lower position (a stable sort), so the choice is reproducible. NaN scores are refused: a
-    NaN would silently sort first or last depending on the backend.
+    Ties are broken uniformly at random with ``generator`` (a random permutation before a stable sort), so that
+    equal scores never favour low pool positions; without a generator they go to the lower position. NaN scores
+    are refused: a NaN would silently sort first or last depending on the backend.
 
     Example::
 
         >>> top_k(torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)
         tensor([1, 3])
+        >>> sorted(top_k(torch.tensor([0.1, 0.9, 0.5, 0.9]), 2, torch.Generator().manual_seed(0)).tolist())
+        [1, 3]
     """
     if scores.ndim != 1:
         raise ValueError(f"top_k expects one score per item (a 1-D tensor), got shape {tuple(scores.shape)}")
     _check_query_size(scores.numel(), k)
     if torch.isnan(scores).any():
         raise ValueError(f"{int(torch.isnan(scores).sum())} acquisition scores are NaN; refusing to select")
-    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
-    return order[:k]
+    scores = scores.detach().cpu()
+    if generator is None:
+        return torch.sort(scores, descending=True, stable=True).indices[:k]
+    shuffle = torch.randperm(scores.numel(), generator=generator)
+    return shuffle[torch.sort(scores[shuffle], descending=True, stable=True).indices[:k]]
 
 
 def uniform_random(num_items: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -2,24 +2,28 @@ r"""
 Acquisition Callback
 ^^^^^^^^^^^^^^^^^^^^
 
-Runs a whole pool-based active-learning experiment inside one ``trainer.fit``.
+Runs pool-based active-learning rounds: after a round's training it tests the model on the held-out set,
+samples a random pool of unlabeled items, scores it with the acquisition strategy and labels the top
+``query_size`` through ``datamodule.label``.
 
-Rounds are blocks of ``epochs_per_round`` epochs. At the end of a round's last epoch (``on_train_epoch_end``)
-the callback measures test accuracy on the held-out set, samples a random pool of unlabeled items, scores it
-with the acquisition strategy, labels the top ``query_size`` through ``datamodule.label`` and, by default,
-resets the model and optimizer to their initial state; the trainer's ``reload_dataloaders_every_n_epochs=1``
-makes the next epoch train on the grown labeled set.
+Two round schedules, chosen by ``epochs_per_round``:
 
-Why rounds inside one fit rather than one fit per round: it works with an unchanged ``trainer.fit`` (the drop-in
-case), with ``ddp_spawn`` (which forbids fitting twice), and resumes natively from a checkpoint (loop, data
-split, callback state and optimizer all travel in it). One fit per round would need a custom loop around
-``fit`` and would have to restore "which round" by hand. (See ``shared/notes/lightning-conventions.md`` B1.)
+* ``epochs_per_round=None`` (the default): **one round per fit**. The callback fires at the end of every
+  ``trainer.fit`` (``on_train_end``) and never touches ``max_epochs``: your own loop of fits, a new ``Trainer`` per
+  round or ``fit`` again on the same one, decides how long a round trains. Round numbers continue across fits.
+* ``epochs_per_round=E``: **rounds inside one fit**, blocks of ``E`` epochs, the whole experiment in one
+  ``trainer.fit`` (``max_epochs = E * (num_rounds + 1)``, set by the callback). This is what ``saal fit`` runs: it
+  works with ``ddp_spawn`` (which forbids a second fit) and resumes from any checkpoint with ``ckpt_path``.
+
+The round's work (test, pool, score, select) lives in :mod:`~saal_lightning.callbacks.acquisition_round`, its
+files in :class:`~saal_lightning.reporting.round_recorder.RoundRecorder`; this class is the schedule and the
+state (see ``shared/notes/lightning-conventions.md`` B1-B2 for the two designs).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import multiprocessing
 import time
 from collections.abc import Mapping
 from copy import deepcopy
@@ -29,21 +33,26 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from saal_lightning.acquisition.strategies import AcquisitionStrategy, build_strategy
-from saal_lightning.callbacks.pool_scoring import (
-    broadcast_from_rank_zero,
-    destroy_process_group_at_exit,
-    score_items,
+from saal_lightning.callbacks.acquisition_round import choose_items, held_out_accuracy
+from saal_lightning.callbacks.global_rng import capture_global_rng, restore_global_rng
+from saal_lightning.callbacks.metric_watchers import (
+    PerRoundWatchers,
+    refuse_plateau_schedulers_without_reset,
+    refuse_watchers_in_one_fit,
 )
-from saal_lightning.reporting.learning_curve import plot_learning_curves
-from saal_lightning.reporting.progress import acquisition_progress, show_final_metrics
-from saal_lightning.reporting.round_log import write_labeled_indices, write_rounds_csv
-from saal_lightning.reporting.summary import print_round_summary
+from saal_lightning.callbacks.pool_scoring import destroy_process_group_at_exit
+from saal_lightning.callbacks.resume_checks import ResumeMismatchError, data_description, refuse_if_different
+from saal_lightning.callbacks.training_health import NonFiniteLossCounter, batch_loss, check_finite_parameters
+from saal_lightning.experiment_seed import resolve_seed
+from saal_lightning.reporting.progress import show_final_metrics
+from saal_lightning.reporting.round_recorder import RoundRecorder
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +62,15 @@ DATAMODULE_PROTOCOL = (
     "sample_pool",
     "labeled_indices",
     "unlabeled_indices",
+    "num_labeled",
+    "current_round",
     "pool_dataloader",
     "test_dataloader",
     "num_classes",
     "state_dict",
 )
+# Trainer(max_epochs=None) reads as 1000 (Lightning's default): the in-fit schedule may replace it.
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class AcquisitionCallback(Callback):
@@ -71,29 +84,35 @@ class AcquisitionCallback(Callback):
             ``--acquisition.strategy badge`` switches strategy.
         query_size: items labeled per round (the paper: 10; CIFAR-100: 100).
         pool_size: unlabeled items sampled at random and scored per round (the paper: 2,000; CIFAR-100: 10,000);
-            ``None`` scores every unlabeled item. When fewer unlabeled items remain, all of them are scored.
-        num_rounds: acquisition rounds after the initial round 0 (the paper: 100). The fit runs
-            ``epochs_per_round * (num_rounds + 1)`` epochs: the callback sets the trainer's ``max_epochs``.
-        epochs_per_round: training epochs per round (the paper: 50).
-        reset_weights: restore the model's initial weights and a fresh optimizer state at the start of every
-            round (default ``True``: the authors' Adam protocol, and the standard active-learning practice that
-            keeps rounds comparable; ``False`` warm-starts, as the authors' SAM runs do).
-        seed: seed of the callback's own ``torch.Generator`` (pool sampling, random choices); the training RNG
-            stream is never touched.
+            ``None`` scores every unlabeled item. When fewer unlabeled items remain, all of them are scored (with a
+            warning, once).
+        num_rounds: acquisition rounds after the initial round 0 (the paper: 100). One round per fit: the fit of
+            round ``num_rounds`` trains and tests without acquiring, and a further fit is refused.
+        epochs_per_round: ``None`` (default) for one round per fit; an integer for rounds of that many epochs
+            inside one fit, which then runs ``epochs_per_round * (num_rounds + 1)`` epochs (the callback sets
+            ``max_epochs``; the trainer must reload its dataloaders every epoch).
+        reset_weights: restore the model's initial weights, a fresh optimizer state, the LR schedulers' and the
+            gradient scaler's initial states at the start of every round (default ``True``: the authors' Adam
+            protocol, and the standard active-learning practice that keeps rounds comparable; ``False``
+            warm-starts, as the authors' SAM runs do).
+        seed: seed of the callback's own ``torch.Generator`` (pool sampling, random choices, tie-breaking); the
+            training RNG stream is never touched. ``None`` takes the seed of ``seed_everything`` (0 without one).
         output_dir: where ``rounds.csv``, ``labeled_indices.json`` and ``learning_curve.png`` go; defaults to
             the trainer's ``log_dir``.
         plot: write ``learning_curve.png`` and print a summary table at the end of training.
 
     Raises:
         ValueError: for invalid sizes or counts, or an unknown strategy name.
-        MisconfigurationException: at setup, when the datamodule is not an active one or the trainer does not
-            reload its dataloaders every epoch.
+        MisconfigurationException: before training, for a datamodule that is not an active one, a trainer that
+            does not reload its dataloaders every epoch (rounds inside one fit), callbacks that compare metrics
+            across rounds, or a resume whose options or data differ from the checkpoint's.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> acquisition = AcquisitionCallback("entropy", query_size=10, num_rounds=3, epochs_per_round=2)
-        >>> trainer = Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1)  # doctest: +SKIP
+        >>> acquisition = AcquisitionCallback("entropy", query_size=10, pool_size=500)
+        >>> for _ in range(3):  # doctest: +SKIP
+        ...     Trainer(max_epochs=3, callbacks=[acquisition]).fit(model, datamodule=datamodule)
     """
 
     def __init__(
@@ -102,18 +121,20 @@ class AcquisitionCallback(Callback):
         query_size: int = 10,
         pool_size: int | None = 2000,
         num_rounds: int = 100,
-        epochs_per_round: int = 50,
+        epochs_per_round: int | None = None,
         reset_weights: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         output_dir: str | None = None,
         plot: bool = True,
     ) -> None:
-        for name, value in (("query_size", query_size), ("epochs_per_round", epochs_per_round)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(num_rounds, int) or num_rounds < 0:
+        if not _is_int(query_size) or query_size < 1:
+            raise ValueError(f"query_size must be a positive integer, got {query_size!r}")
+        if epochs_per_round is not None and (not _is_int(epochs_per_round) or epochs_per_round < 1):
+            raise ValueError(f"epochs_per_round must be None (one round per fit) or a positive integer, got "
+                             f"{epochs_per_round!r}")
+        if not _is_int(num_rounds) or num_rounds < 0:
             raise ValueError(f"num_rounds must be a non-negative integer, got {num_rounds!r}")
-        if pool_size is not None and (not isinstance(pool_size, int) or pool_size < query_size):
+        if pool_size is not None and (not _is_int(pool_size) or pool_size < query_size):
             raise ValueError(f"pool_size must be None or an integer >= query_size ({query_size}), got {pool_size!r}")
         self.strategy = build_strategy(strategy)
         self.query_size = query_size
@@ -121,16 +142,29 @@ class AcquisitionCallback(Callback):
         self.num_rounds = num_rounds
         self.epochs_per_round = epochs_per_round
         self.reset_weights = reset_weights
-        self.seed = seed
+        self.seed = resolve_seed(seed)
         self.output_dir = output_dir
         self.plot = plot
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.history: list[dict[str, Any]] = []
         self._initial_model_state: dict[str, torch.Tensor] | None = None
         self._initial_optimizer_states: list[dict[str, Any]] = []
+        self._initial_scheduler_states: list[dict[str, Any]] = []
+        self._initial_scaler_state: dict[str, Any] | None = None
+        # A reset owed to the next round: done at its first epoch's start, so that a round's checkpoint holds
+        # the model that round trained, and a resume from it performs the reset.
+        self._reset_pending = False
+        # One round per fit: whether a round's training has begun and not yet been recorded (a checkpoint written
+        # mid-round resumes that round instead of starting a new one).
+        self._round_in_progress = False
+        self._data: dict[str, Any] = {}
+        self._fit_recorded_round = False
         self._round_started_at: float | None = None
         self._accuracy: MulticlassAccuracy | None = None
-        self._output_dir: Path | None = None
+        self._recorder: RoundRecorder | None = None
+        self._losses = NonFiniteLossCounter()
+        self._watchers = PerRoundWatchers()
+        self._warned_small_pool = False
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer with its callbacks. A torch.Generator pickles through a temporary state
@@ -147,15 +181,18 @@ class AcquisitionCallback(Callback):
         self.__dict__.update(state)
 
     @property
-    def total_epochs(self) -> int:
-        """Epochs the whole experiment trains: round 0 plus ``num_rounds`` acquisition rounds."""
-        return self.epochs_per_round * (self.num_rounds + 1)
+    def rounds_in_one_fit(self) -> bool:
+        """``True`` for rounds of ``epochs_per_round`` epochs inside one fit, ``False`` for one round per fit."""
+        return self.epochs_per_round is not None
 
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(strategy=self.strategy.name, query_size=self.query_size)
+    def total_epochs(self) -> int:
+        """Epochs of the whole experiment with rounds inside one fit: round 0 plus ``num_rounds`` rounds."""
+        if self.epochs_per_round is None:
+            raise AttributeError("total_epochs is defined for rounds inside one fit (epochs_per_round set) only")
+        return self.epochs_per_round * (self.num_rounds + 1)
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup and resume checks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -168,6 +205,23 @@ class AcquisitionCallback(Callback):
                 f"{', '.join(DATAMODULE_PROTOCOL)}); missing: {missing or 'no datamodule was passed to fit'}. "
                 "Wrap your dataset: ActiveDataModule(train_dataset=..., test_dataset=...)."
             )
+        if self.rounds_in_one_fit:
+            self._setup_rounds_in_one_fit(trainer)
+        elif trainer.world_size > 1 and multiprocessing.parent_process() is not None:
+            # Spawned (or forked) workers send nothing but the weights back to the main process, so the next fit
+            # would start again from the initial labeled set.
+            raise MisconfigurationException(
+                "One round per fit does not work with a strategy that starts its processes per fit "
+                "(ddp_spawn, ddp_fork, ddp_notebook): the labels acquired in a worker would be lost when the fit "
+                "ends. Use rounds inside one fit (AcquisitionCallback(epochs_per_round=...)) or strategy='ddp'."
+            )
+        destroy_process_group_at_exit()
+        # trainer.log_dir broadcasts, so every rank must ask for it.
+        output_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        self._recorder = RoundRecorder(output_dir, self.strategy.name)
+
+    def _setup_rounds_in_one_fit(self, trainer: pl.Trainer) -> None:
+        assert self.epochs_per_round is not None
         reload_every = trainer.reload_dataloaders_every_n_epochs
         if reload_every < 1 or self.epochs_per_round % reload_every:
             raise MisconfigurationException(
@@ -175,47 +229,125 @@ class AcquisitionCallback(Callback):
                 f"training dataloader at every round start: pass Trainer(reload_dataloaders_every_n_epochs=1) "
                 f"(got {reload_every})."
             )
-        if trainer.max_epochs != self.total_epochs:
-            log.info(
-                "AcquisitionCallback sets max_epochs=%d (epochs_per_round=%d x (num_rounds=%d + 1)); it was %s.",
-                self.total_epochs, self.epochs_per_round, self.num_rounds, trainer.max_epochs,
+        if trainer.max_epochs not in (self.total_epochs, _LIGHTNING_DEFAULT_MAX_EPOCHS):
+            raise MisconfigurationException(
+                f"Trainer(max_epochs={trainer.max_epochs}) conflicts with the AcquisitionCallback's rounds inside "
+                f"one fit, which train epochs_per_round={self.epochs_per_round} x (num_rounds={self.num_rounds} + 1) "
+                f"= {self.total_epochs} epochs. Drop max_epochs (the callback sets it), or use one round per fit "
+                "(epochs_per_round=None) with max_epochs as each round's length."
             )
+        if trainer.max_epochs != self.total_epochs:
+            log.info("AcquisitionCallback sets max_epochs=%d (epochs_per_round=%d x (num_rounds=%d + 1)).",
+                     self.total_epochs, self.epochs_per_round, self.num_rounds)
             trainer.fit_loop.max_epochs = self.total_epochs
-        destroy_process_group_at_exit()
-        # trainer.log_dir broadcasts, so every rank must ask for it.
-        self._output_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        refuse_watchers_in_one_fit(trainer)
+
+    def _options(self) -> dict[str, Any]:
+        """Every option that decides which items get labeled, as a resumed run must repeat them."""
+        return {
+            "strategy": repr(self.strategy),
+            "query_size": self.query_size,
+            "pool_size": self.pool_size,
+            "num_rounds": self.num_rounds,
+            "epochs_per_round": self.epochs_per_round,
+            "reset_weights": self.reset_weights,
+            "acquisition seed": self.seed,
+        }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores the model and the datamodule before this hook, and callbacks' states right after
+        # it; a missing state would only be warned about, and a datamodule of another class silently skipped.
+        states = checkpoint.get("callbacks", {})
+        state = states.get(self.state_key)
+        if state is None or "options" not in state:
+            raise ResumeMismatchError(
+                f"Refusing to resume from {trainer.ckpt_path}: it holds no AcquisitionCallback state of this "
+                f"version (callback states found: {sorted(states) or 'none'}), so which rounds it has done is "
+                "unknown. Start a new run without ckpt_path. Nothing was changed."
+            )
+        refuse_if_different(trainer.ckpt_path, {**state["options"], **state["data"]},
+                            {**self._options(), **data_description(trainer.datamodule)})
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
+        self._check_split_matches_history(datamodule)
+        self._check_budget(datamodule)
+        self._fit_recorded_round = False
+        if self.reset_weights and self._initial_model_state is None:
+            # A copy on the CPU: it lives for the whole run and must not hold accelerator memory.
+            self._initial_model_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        # Optimizers, schedulers and the scaler are fresh here (training state is restored after on_fit_start):
+        # this is what "a fresh optimizer" means at a reset.
+        self._initial_optimizer_states = [deepcopy(opt.state_dict()) for opt in trainer.optimizers]
+        self._initial_scheduler_states = [deepcopy(config.scheduler.state_dict())
+                                          for config in trainer.lr_scheduler_configs]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._initial_scaler_state = deepcopy(scaler.state_dict()) if scaler is not None else None
+        if self.rounds_in_one_fit and not self.reset_weights:
+            refuse_plateau_schedulers_without_reset(trainer)
+        if not self.rounds_in_one_fit and not self._round_in_progress:
+            self._watchers.start_round(trainer, len(self.history))
+        self._accuracy = MulticlassAccuracy(num_classes=datamodule.num_classes, average="micro").to(
+            pl_module.device
+        )
+        self._data = data_description(datamodule)
+        self.strategy.setup(trainer, pl_module)
+        if trainer.is_global_zero:
+            assert self._recorder is not None
+            self._recorder.reconcile(self.history, self._labeled_round(datamodule))
+
+    def _check_split_matches_history(self, datamodule: Any) -> None:
+        if datamodule.num_labeled == 0:
+            raise ValueError(
+                "The data module has no labeled items, so there is nothing to train round 0 on: start with a "
+                "labeled initial set (ActiveDataModule(initial_labels=...), e.g. 20 for 10 classes)."
+            )
+        if not self.history:
+            if datamodule.current_round > 0:
+                raise MisconfigurationException(
+                    f"The data module already holds labels from {datamodule.current_round} acquisition round(s) "
+                    "that this AcquisitionCallback did not record. Create the callback once, before your loop of "
+                    "fits, and pass the same instance to every Trainer (it keeps the round count)."
+                )
+            return
+        last = self.history[-1]
+        expected = int(last["num_labeled"]) + int(last["num_acquired"])
+        if datamodule.num_labeled != expected:
+            raise ResumeMismatchError(
+                f"The data module holds {datamodule.num_labeled} labeled items, but the {len(self.history)} rounds "
+                f"this AcquisitionCallback recorded end with {expected}: the split and the round history belong "
+                "to different runs. Resume both from the same checkpoint, or start a new run."
+            )
+
+    def _check_budget(self, datamodule: Any) -> None:
         rounds_left = self.num_rounds - len(self.history)
+        if not self.rounds_in_one_fit:
+            if rounds_left < 0:
+                raise MisconfigurationException(
+                    f"All num_rounds={self.num_rounds} acquisition rounds and the final round are done "
+                    f"({len(self.history)} rounds recorded): this fit would be round {len(self.history)}. Raise "
+                    "num_rounds to go on."
+                )
+            rounds_left = min(rounds_left, 1)
         unlabeled = len(datamodule.unlabeled_indices)
         if rounds_left * self.query_size > unlabeled:
             raise ValueError(
                 f"{rounds_left} rounds x query_size {self.query_size} = {rounds_left * self.query_size} labels "
                 f"requested, but only {unlabeled} unlabeled items are left: lower num_rounds or query_size."
             )
-        if self.reset_weights and self._initial_model_state is None:
-            # A copy on the CPU: it lives for the whole run and must not hold accelerator memory.
-            self._initial_model_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        # Optimizers are fresh here (training state is restored after on_fit_start), so this is the state a
-        # "fresh optimizer" has: no moments, the configured hyper-parameters.
-        self._initial_optimizer_states = [deepcopy(opt.state_dict()) for opt in trainer.optimizers]
-        self._accuracy = MulticlassAccuracy(num_classes=datamodule.num_classes, average="micro").to(
-            pl_module.device
-        )
-        self.strategy.setup(trainer, pl_module)
-        self._round_started_at = time.perf_counter()
 
     # ------------------------------------------------------------------ training
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.strategy.on_train_batch_end(trainer, pl_module, batch)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._round_started_at = time.perf_counter()
+        if not self.rounds_in_one_fit:
+            self._round_in_progress = True
+            return
+        assert self.epochs_per_round is not None
         # A checkpoint written at a round's last epoch *before* this callback's epoch-end hook ran (a
         # ModelCheckpoint that saves on validation end does that) resumes after a round end whose acquisition
         # never happened. Finish that round now: the next epoch's dataloader reload sees the new labels.
@@ -226,33 +358,80 @@ class AcquisitionCallback(Callback):
             self._finish_round(trainer, pl_module, epoch=trainer.current_epoch - 1)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reset_pending:
+            self._reset_training_state(trainer, pl_module)
+            self._reset_pending = False
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = batch_loss(outputs)
+        if loss is not None:
+            self._losses.update(loss)
+        self.strategy.on_train_batch_end(trainer, pl_module, batch)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
+        self._losses.check(trainer, round_index=len(self.history))
         pl_module.log("al/round", float(len(self.history)), prog_bar=True)
-        pl_module.log("al/num_labeled", float(len(datamodule.labeled_indices)), prog_bar=True)
-        if (trainer.current_epoch + 1) % self.epochs_per_round:
+        pl_module.log("al/num_labeled", float(datamodule.num_labeled), prog_bar=True)
+        if not self.rounds_in_one_fit or (trainer.current_epoch + 1) % self.epochs_per_round:
             return
         record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch)
         pl_module.log("al/test_acc", record["test_acc"], prog_bar=True)
         pl_module.log("al/best_test_acc", record["best_test_acc"])
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.rounds_in_one_fit:
+            record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch - 1)
+            self._round_in_progress = False
+            self._fit_recorded_round = True
+            metrics = {f"al/{key}": float(record[key]) for key in ("round", "num_labeled", "test_acc")}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        show_final_metrics(trainer, pl_module)
+        if trainer.is_global_zero and self.plot and self.history and self._recorder is not None:
+            self._recorder.finish(self.history)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the training hooks of a fit whose loop is already done.
+        if not self.rounds_in_one_fit and not self._fit_recorded_round:
+            raise MisconfigurationException(
+                f"This fit trained no epoch: the trainer had already reached max_epochs={trainer.max_epochs} "
+                "(Lightning counts epochs across the fits of one Trainer). No round was recorded and nothing was "
+                "labeled. Build a new Trainer for every round, or raise trainer.fit_loop.max_epochs by the round's "
+                "epochs before calling fit again."
+            )
+
+    # ------------------------------------------------------------------ the round
     def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
-        """Test, acquire (unless it is the last round), reset, and record the round that ended at ``epoch``."""
+        """Test, acquire (unless it is the last round) and record the round whose training ended at ``epoch``."""
         datamodule = trainer.datamodule
         round_index = len(self.history)
         train_seconds = time.perf_counter() - (self._round_started_at or time.perf_counter())
-        num_labeled = len(datamodule.labeled_indices)
+        num_labeled = datamodule.num_labeled
         acquired, pool_size, acquisition_seconds = 0, 0, ""
+        check_finite_parameters(pl_module, round_index)
+        assert self._accuracy is not None
         # Iterating a DataLoader draws its base seed from the global RNG: isolate it, so that an experiment's
         # training stream does not depend on the strategy or on the test-set size.
         with isolate_rng():
-            test_acc = self._test_accuracy(trainer, pl_module)
+            test_acc = held_out_accuracy(trainer, pl_module, datamodule, self._accuracy)
             if round_index < self.num_rounds:
                 started = time.perf_counter()
-                acquired, pool_size = self._acquire(trainer, pl_module, round_index)
+                self.strategy.on_round_end(trainer, pl_module, datamodule)
+                pool_size = self._round_pool_size(datamodule)
+                selection = choose_items(trainer, pl_module, datamodule, self.strategy, self.query_size, pool_size,
+                                         self.generator, round_index)
+                datamodule.label(selection, round=round_index + 1)
+                acquired = len(selection)
                 acquisition_seconds = round(time.perf_counter() - started, 4)
-                if self.reset_weights:
-                    self._reset_model_and_optimizers(trainer, pl_module)
+                self._reset_pending = self.reset_weights
         record = {
             "round": round_index,
             "num_labeled": num_labeled,
@@ -268,87 +447,37 @@ class AcquisitionCallback(Callback):
         }
         self.history.append(record)
         if trainer.is_global_zero:
-            self._write_records(datamodule)
+            assert self._recorder is not None
+            self._recorder.write(self.history, self._labeled_round(datamodule))
         self._round_started_at = time.perf_counter()
         return record
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        show_final_metrics(trainer, pl_module)
-        if not (trainer.is_global_zero and self.plot and self.history and self._output_dir is not None):
-            return
-        title = f"{self.strategy.name}: {len(self.history)} rounds"
-        print_round_summary(self.history, title=title)
-        path = plot_learning_curves({self.strategy.name: self.history}, self._output_dir / "learning_curve.png",
-                                    title=title)
-        log.info("Learning curve written to %s", path)
-
-    # ------------------------------------------------------------------ the round's work
-    def _test_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Accuracy on the held-out set, batches split across ranks, reduced by torchmetrics."""
-        assert self._accuracy is not None
-        self._accuracy.reset()
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            for batch_idx, (inputs, targets) in enumerate(trainer.datamodule.test_dataloader()):
-                if batch_idx % trainer.world_size == trainer.global_rank:
-                    self._accuracy.update(pl_module(inputs.to(pl_module.device)), targets.to(pl_module.device))
-        pl_module.train(was_training)
-        return float(self._accuracy.compute())
-
-    def _acquire(self, trainer: pl.Trainer, pl_module: pl.LightningModule, round_index: int) -> tuple[int, int]:
-        """Sample the pool, score it, label the selection. Returns (items labeled, pool size)."""
-        datamodule = trainer.datamodule
-        self.strategy.on_round_end(trainer, pl_module, datamodule)
+    def _round_pool_size(self, datamodule: Any) -> int:
         unlabeled = len(datamodule.unlabeled_indices)
-        pool_size = unlabeled if self.pool_size is None else min(self.pool_size, unlabeled)
-        # Every rank draws from an identical generator state, so every rank holds the same pool.
-        pool = datamodule.sample_pool(pool_size, self.generator)
-        labeled = datamodule.labeled_indices if self.strategy.needs_labeled else None
-        total = pool_size + (len(labeled) if labeled is not None else 0)
-        description = f"Acquiring {self.query_size} with {self.strategy.name} (round {round_index})"
-        with acquisition_progress(trainer, math.ceil(total / trainer.world_size), description) as advance:
-            pool_outputs = score_items(trainer, self.strategy, pl_module, datamodule.pool_dataloader, pool,
-                                       pl_module.device, advance)
-            labeled_outputs = None
-            if labeled is not None:
-                labeled_outputs = score_items(trainer, self.strategy, pl_module, datamodule.pool_dataloader,
-                                              labeled, pl_module.device, advance)
-        selection, generator_state = None, None
-        if trainer.is_global_zero:
-            positions = self.strategy.select(pool_outputs, self.query_size, self.generator, labeled_outputs)
-            self._check_selection(positions, pool_size)
-            selection, generator_state = pool[torch.as_tensor(positions)], self.generator.get_state()
-        # Rank 0 decides once; every rank labels the same items and keeps its generator in step with rank 0's
-        # (select() may have drawn from it), so the next round's pool is identical everywhere.
-        selection, generator_state = broadcast_from_rank_zero(trainer, (selection, generator_state))
-        self.generator.set_state(generator_state)
-        datamodule.label(selection, round=round_index + 1)
-        return len(selection), pool_size
+        if self.pool_size is None or self.pool_size < unlabeled:
+            return unlabeled if self.pool_size is None else self.pool_size
+        if self.pool_size > unlabeled and not self._warned_small_pool:
+            rank_zero_warn(f"pool_size={self.pool_size} is larger than the {unlabeled} unlabeled items left: "
+                           "every round from now on scores all of them.")
+            self._warned_small_pool = True
+        return unlabeled
 
-    def _check_selection(self, positions: torch.Tensor, pool_size: int) -> None:
-        """A strategy must return exactly query_size distinct, in-range positions: never silently fewer."""
-        positions = torch.as_tensor(positions)
-        if positions.ndim != 1 or len(positions) != self.query_size:
-            raise RuntimeError(f"{self.strategy!r} returned {tuple(positions.shape)} positions, "
-                               f"expected {self.query_size}")
-        if len(torch.unique(positions)) != len(positions) or positions.min() < 0 or positions.max() >= pool_size:
-            raise RuntimeError(f"{self.strategy!r} returned duplicate or out-of-range positions: {positions.tolist()}")
-
-    def _reset_model_and_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _reset_training_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The round starts from scratch: initial weights, fresh optimizers, schedulers and gradient scaler."""
         assert self._initial_model_state is not None
         pl_module.load_state_dict(self._initial_model_state)
         for optimizer, state in zip(trainer.optimizers, self._initial_optimizer_states, strict=True):
             optimizer.load_state_dict(deepcopy(state))
+        for config, state in zip(trainer.lr_scheduler_configs, self._initial_scheduler_states, strict=True):
+            config.scheduler.load_state_dict(deepcopy(state))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and self._initial_scaler_state is not None:
+            scaler.load_state_dict(deepcopy(self._initial_scaler_state))
         self.strategy.on_weights_reset(trainer, pl_module)
 
-    def _write_records(self, datamodule: Any) -> None:
-        assert self._output_dir is not None
-        write_rounds_csv(self._output_dir / "rounds.csv", self.history)
-        labeled_round = datamodule.state_dict()["labeled_round"].tolist()
-        write_labeled_indices(self._output_dir / "labeled_indices.json", labeled_round, self.strategy.name,
-                              completed_rounds=len(self.history))
+    @staticmethod
+    def _labeled_round(datamodule: Any) -> list[int]:
+        return datamodule.state_dict()["labeled_round"].tolist()
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -358,18 +487,23 @@ class AcquisitionCallback(Callback):
             "history": [dict(row) for row in self.history],
             "initial_model_state": self._initial_model_state,
             "strategy": self.strategy.state_dict(),
-            "epochs_per_round": self.epochs_per_round,
-            "query_size": self.query_size,
+            "options": self._options(),
+            "data": dict(self._data),
+            "reset_pending": self._reset_pending,
+            "round_in_progress": self._round_in_progress,
+            "global_rng": capture_global_rng(),
         }
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if state_dict["epochs_per_round"] != self.epochs_per_round:
-            raise ValueError(
-                f"The checkpoint was written with epochs_per_round={state_dict['epochs_per_round']}, "
-                f"this callback has {self.epochs_per_round}: rounds would not line up."
-            )
         self.generator.set_state(state_dict["generator_state"])
         self.history = [dict(row) for row in state_dict["history"]]
         self._initial_model_state = state_dict["initial_model_state"]
         self.strategy.load_state_dict(state_dict["strategy"])
+        self._reset_pending = bool(state_dict["reset_pending"])
+        self._round_in_progress = bool(state_dict["round_in_progress"])
+        restore_global_rng(state_dict["global_rng"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

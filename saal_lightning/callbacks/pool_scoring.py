@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.utilities.distributed import _destroy_dist_connection
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 if TYPE_CHECKING:
@@ -80,8 +81,23 @@ def score_items(
         raise ValueError(f"cannot split {len(indices)} items across {trainer.world_size} ranks: every rank needs "
                          "at least one item to score (raise pool_size or use fewer devices)")
     positions = shard_positions(len(indices), trainer.global_rank, trainer.world_size)
-    local = compute_outputs(strategy, model, make_loader(indices[positions]), device, advance)
+
+    def advance_or_stop(done: int) -> None:
+        advance(done)
+        stop_if_terminated(trainer)
+
+    local = compute_outputs(strategy, model, make_loader(indices[positions]), device, advance_or_stop)
     return gather_in_order(trainer, local, len(indices)).cpu()
+
+
+def stop_if_terminated(trainer: pl.Trainer) -> None:
+    """Raise Lightning's ``SIGTERMException`` once the process got SIGTERM (Lightning's handler only notes it).
+
+    Lightning checks the flag between training batches; long work outside its loops (scoring a pool, testing)
+    checks it here between batches, so that a SIGTERM stops the run within seconds in every phase.
+    """
+    if trainer.received_sigterm:
+        raise SIGTERMException
 
 
 def broadcast_from_rank_zero(trainer: pl.Trainer, value: Any) -> Any:

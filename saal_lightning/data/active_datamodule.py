@@ -13,8 +13,9 @@ state, so ``setup`` creates the initial split once and never overwrites an exist
 
 from __future__ import annotations
 
+import hashlib
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.progress import track
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from saal_lightning.experiment_seed import resolve_seed
 
 # Reading targets item by item decodes every image; show progress when that takes noticeable time.
 _PROGRESS_THRESHOLD = 10_000
@@ -98,13 +101,14 @@ class ActiveDataModule(pl.LightningDataModule):
             validation.
         num_classes: the number of classes; inferred as ``max(target) + 1`` when ``None`` (the attribute of the
             same name holds the value in use).
-        initial_labels: the size of the initial labeled set (round 0).
+        initial_labels: the size of the initial labeled set (round 0); at least 1, since round 0 trains on it.
         balanced: draw the initial set as ``initial_labels // num_classes`` items of every class (the SAAL
             protocol); otherwise draw it uniformly at random.
         batch_size: the training batch size.
         eval_batch_size: the batch size of the test, validation and pool loaders.
         num_workers: worker processes for every loader.
-        seed: seeds the initial draw and the training loader's shuffling.
+        seed: seeds the initial draw and the training loader's shuffling; ``None`` takes the seed of
+            ``seed_everything`` (0 without one).
 
     Attributes:
         in_channels: the channel count of a CHW image input, inferred from the first training item; ``None``
@@ -113,7 +117,7 @@ class ActiveDataModule(pl.LightningDataModule):
             ``r``; ``None`` before :meth:`setup`.
 
     Raises:
-        ValueError: for a non-positive batch size, a negative ``initial_labels`` or ``num_workers``, a
+        ValueError: for a non-positive batch size or ``initial_labels``, a negative ``num_workers``, a
             ``pool_dataset`` whose length differs from ``train_dataset``'s, targets outside
             ``[0, num_classes)``, or (with ``balanced``) ``initial_labels`` not divisible by ``num_classes``.
 
@@ -143,11 +147,16 @@ class ActiveDataModule(pl.LightningDataModule):
         batch_size: int = 10,
         eval_batch_size: int = 256,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        if initial_labels == 0:
+            raise ValueError(
+                "initial_labels=0: round 0 trains the model on the initial labeled set, so it needs at least one "
+                "labeled item; start with a few per class (e.g. initial_labels=20 for 10 classes)"
+            )
         for name, value, minimum in (
-            ("initial_labels", initial_labels, 0),
+            ("initial_labels", initial_labels, 1),
             ("batch_size", batch_size, 1),
             ("eval_batch_size", eval_batch_size, 1),
             ("num_workers", num_workers, 0),
@@ -167,10 +176,12 @@ class ActiveDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.seed = seed
+        self.seed = resolve_seed(seed)
         self.labeled_round: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
         self._attached: Dataset | None = None
+        # (labeled count, first epoch trained on it): where the current round's epochs start counting.
+        self._round_start: tuple[int, int] | None = None
         self._check_balanced_divisible()
         # With the datasets given up front, num_classes and in_channels are known now, which the CLI's
         # `data.num_classes -> model` link needs before setup() runs.
@@ -373,6 +384,10 @@ class ActiveDataModule(pl.LightningDataModule):
             "labeled_per_class": torch.bincount(labeled, minlength=self.num_classes or 0).tolist(),
         }
 
+    def fingerprint(self) -> str:
+        """A SHA-256 digest of the training set's targets: a resumed run checks it is the same data set."""
+        return hashlib.sha256(self._train_targets().numpy().tobytes()).hexdigest()
+
     def state_dict(self) -> dict[str, Any]:
         """The split as tensors and primitives only, so checkpoints load with ``torch.load(weights_only=True)``."""
         if self.labeled_round is None:
@@ -381,13 +396,14 @@ class ActiveDataModule(pl.LightningDataModule):
             "labeled_round": self.labeled_round.clone(),
             "seed": self.seed,
             "dataset_size": self.labeled_round.numel(),
+            "round_start": list(self._round_start) if self._round_start is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the split replaces any existing one.
 
-        The restored ``seed`` replaces the configured one (with a warning when they differ) so that the training
-        loader shuffles as it did in the run that wrote the checkpoint.
+        The configured ``seed`` stays (with a warning when the checkpoint's differs: the training order then
+        differs from the run that wrote it); the acquisition callback refuses such a resume.
 
         Raises:
             ValueError: when the state is malformed or was made for a training set of a different size.
@@ -410,37 +426,44 @@ class ActiveDataModule(pl.LightningDataModule):
                 "it was made with a different data set"
             )
         if int(state_dict["seed"]) != self.seed:
-            rank_zero_warn(f"Restoring the split of a run with seed={state_dict['seed']} (configured: {self.seed})")
-        self.seed = int(state_dict["seed"])
+            rank_zero_warn(f"Restoring the split of a run with seed={state_dict['seed']} into a data module with "
+                           f"seed={self.seed}: the training order will differ from that run's")
         self.labeled_round = labeled_round.clone()
+        round_start = state_dict.get("round_start")
+        self._round_start = (int(round_start[0]), int(round_start[1])) if round_start is not None else None
 
     # ------------------------------------------------------------------------------------------ dataloaders
 
-    def _training_order(self) -> torch.Tensor:
-        """The labeled indices in this epoch's shuffled order.
+    def _epoch_in_round(self) -> int:
+        """The trainer's epoch counted from the first epoch that trained on the current labeled set.
 
-        The permutation is drawn here, once, from a generator seeded by (seed, labeled count, epoch), and the
-        loader then iterates in that fixed order. Handing the DataLoader a generator instead would let every
-        ``iter()`` call draw from it, and Lightning creates iterators a different number of times on a resumed
-        run, so a resume would not replay the uninterrupted run's batches.
+        Both round schedules (a fit per round with a new Trainer, whose epochs restart at 0, and rounds inside
+        one fit, whose epochs keep counting) then give round ``r``'s ``k``-th epoch the same training order.
         """
-        labeled = self.labeled_indices
-        return labeled[torch.randperm(len(labeled), generator=self._epoch_generator())]
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self._round_start is None or self._round_start[0] != self.num_labeled:
+            self._round_start = (self.num_labeled, epoch)
+        return epoch - self._round_start[1]
 
     def _epoch_generator(self) -> torch.Generator:
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        seed = np.random.SeedSequence([self.seed, self.num_labeled, epoch]).generate_state(1)[0]
+        seed = np.random.SeedSequence([self.seed, self.num_labeled, self._epoch_in_round()]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the labeled items, as labeled when this is called."""
-        # shuffle=False: the order is already shuffled (and under DDP Lightning's DistributedSampler then deals
-        # this fixed order out across ranks). The loader still gets its own generator, for the base seed that
-        # every iter() draws, so that iterating never consumes the global RNG.
+        """Shuffled batches of the labeled items, as labeled when this is called, reshuffled every epoch.
+
+        The order of an epoch is a function of (seed, labeled count, epoch within the round) alone, drawn when the
+        epoch starts iterating. Handing the DataLoader a generator instead would let every ``iter()`` call draw
+        from it, and Lightning creates iterators a different number of times on a resumed run, so a resume would
+        not replay the uninterrupted run's batches. Under DDP, Lightning's distributed sampler deals this order
+        out across ranks without reshuffling it.
+        """
+        # The loader still gets its own generator, for the base seed that every iter() draws (worker seeds), so
+        # that iterating never consumes the global RNG.
         return DataLoader(
-            Subset(self.train_dataset, self._training_order().tolist()),
+            self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=_EpochShuffle(self, self.labeled_indices),
             drop_last=False,
             num_workers=self.num_workers,
             generator=self._epoch_generator(),
@@ -482,3 +505,18 @@ class ActiveDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class _EpochShuffle(Sampler[int]):
+    """The given labeled indices, in the order of the data module's current epoch (drawn at ``iter()`` time)."""
+
+    def __init__(self, datamodule: ActiveDataModule, labeled: torch.Tensor) -> None:
+        self._datamodule = datamodule
+        self._labeled = labeled
+
+    def __len__(self) -> int:
+        return len(self._labeled)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self._labeled), generator=self._datamodule._epoch_generator())
+        return iter(self._labeled[order].tolist())

@@ -200,7 +200,7 @@ class VisionActiveDataModule(ActiveDataModule):
         batch_size: the training batch size (the paper: 10, 100 for CIFAR-100).
         eval_batch_size: the batch size of the test and pool loaders.
         num_workers: worker processes for every loader.
-        seed: seeds the initial draw and the training loader's shuffling.
+        seed: seeds the initial draw and the training loader's shuffling; ``None`` follows ``seed_everything``.
 
     Raises:
         ValueError: for an unknown ``dataset`` name (the message lists the known ones).
@@ -225,7 +225,7 @@ class VisionActiveDataModule(ActiveDataModule):
         batch_size: int = 10,
         eval_batch_size: int = 256,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if dataset not in VISION_DATASETS:
             raise ValueError(f"Unknown dataset {dataset!r}; known data sets: {sorted(VISION_DATASETS)}")

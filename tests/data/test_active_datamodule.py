@@ -92,7 +92,19 @@ def test_initial_set_is_seeded_and_leaves_the_global_rng_alone():
 def test_unbalanced_initial_set_is_seeded_random_draw():
     first, again = (make_dm(balanced=False, initial_labels=7, seed=3).labeled_indices for _ in range(2))
     assert first.numel() == 7 and torch.equal(first, again)
-    assert make_dm(balanced=False, initial_labels=0).num_labeled == 0
+
+
+def test_an_empty_initial_set_is_refused_with_how_to_start():
+    with pytest.raises(ValueError, match=r"initial_labels=0: round 0 trains .* e\.g\. initial_labels=20"):
+        make_dm(balanced=False, initial_labels=0)
+
+
+def test_the_seed_follows_seed_everything_unless_set(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    assert make_dm().seed == 7 and make_dm(seed=3).seed == 3
+    assert torch.equal(make_dm().labeled_indices, make_dm(seed=7).labeled_indices)
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert make_dm().seed == 0
 
 
 def test_class_with_too_few_items_for_balanced_set_is_named():
@@ -344,12 +356,13 @@ def test_datamodule_pickles_for_ddp_spawn():
     assert loader_indices(copy.train_dataloader()) == loader_indices(dm.train_dataloader())
 
 
-def test_restoring_another_seed_warns_and_adopts_it():
+def test_restoring_another_seed_warns_and_keeps_the_configured_one():
+    # The acquisition callback refuses such a resume; the data module alone keeps what it was configured with.
     state = make_dm(seed=1).state_dict()
     dm = ActiveDataModule(index_dataset(), initial_labels=10, seed=2)
-    with pytest.warns(UserWarning, match="seed=1"):
+    with pytest.warns(UserWarning, match="seed=1 into a data module with seed=2"):
         dm.load_state_dict(state)
-    assert dm.seed == 1
+    assert dm.seed == 2 and torch.equal(dm.labeled_round, state["labeled_round"])
 
 
 # ------------------------------------------------------------------------------------------------ dataloaders

@@ -33,11 +33,14 @@ class AcquisitionStrategy:
         name: the registry name, shown in logs and written to ``rounds.csv``.
         needs_labeled: whether :meth:`select` needs :meth:`compute`'s outputs on the labeled set as well.
         needs_grad: whether :meth:`compute` needs autograd (it is otherwise run under ``torch.no_grad()``).
+        ranks_by_score: whether :meth:`compute`'s outputs are meant to rank the items (the callback warns when
+            such scores are all equal); ``False`` for strategies that ignore them (random sampling).
     """
 
     name: str = "base"
     needs_labeled: bool = False
     needs_grad: bool = False
+    ranks_by_score: bool = True
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Score (``[B]``) or embed (``[B, D]``) one batch of inputs; ``model`` is in eval mode."""
@@ -50,8 +53,9 @@ class AcquisitionStrategy:
         generator: torch.Generator,
         labeled_outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return ``query_size`` distinct positions into ``pool_outputs``; the default takes the top-k scores."""
-        return top_k(pool_outputs, query_size)
+        """Return ``query_size`` distinct positions into ``pool_outputs``; the default takes the top-k scores
+        (ties broken at random with ``generator``)."""
+        return top_k(pool_outputs, query_size, generator)
 
     # Lifecycle hooks for strategies that own networks; the AcquisitionCallback forwards them.
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

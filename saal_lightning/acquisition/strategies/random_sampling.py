@@ -23,6 +23,7 @@ class RandomSampling(AcquisitionStrategy):
     """
 
     name = "random"
+    ranks_by_score = False
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         # Random sampling ignores the model; a zero score per item keeps the gather logic uniform.
