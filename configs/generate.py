@@ -63,7 +63,7 @@ trainer:
   num_sanity_val_steps: 0
   log_every_n_steps: 1
   logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
+    class_path: saal_lightning.reporting.appending_csv_logger.AppendingCSVLogger
     init_args:
       save_dir: runs/{dataset}
       name: {strategy}_{optimizer}

@@ -445,8 +445,8 @@ class ActiveDataModule(pl.LightningDataModule):
             self._round_start = (self.num_labeled, epoch)
         return epoch - self._round_start[1]
 
-    def _epoch_generator(self) -> torch.Generator:
-        seed = np.random.SeedSequence([self.seed, self.num_labeled, self._epoch_in_round()]).generate_state(1)[0]
+    def _generator(self, *key: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.seed, self.num_labeled, *key]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
     def train_dataloader(self) -> DataLoader:
@@ -466,7 +466,7 @@ class ActiveDataModule(pl.LightningDataModule):
             sampler=_EpochShuffle(self, self.labeled_indices),
             drop_last=False,
             num_workers=self.num_workers,
-            generator=self._epoch_generator(),
+            generator=self._generator(),
         )
 
     @property
@@ -518,5 +518,8 @@ class _EpochShuffle(Sampler[int]):
         return len(self._labeled)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(len(self._labeled), generator=self._datamodule._epoch_generator())
+        # The round's epochs are counted here, where an epoch really starts: Lightning also builds loaders it
+        # does not iterate (on a resume, for the epoch the checkpoint finished).
+        datamodule = self._datamodule
+        order = torch.randperm(len(self._labeled), generator=datamodule._generator(datamodule._epoch_in_round()))
         return iter(self._labeled[order].tolist())
