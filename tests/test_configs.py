@@ -47,3 +47,19 @@ def test_paper_protocol_values() -> None:
     assert sam["acquisition"]["reset_weights"] is False
     assert (sam["acquisition"]["query_size"], sam["acquisition"]["pool_size"]) == (100, 10000)
     assert sam["data"]["init_args"]["initial_labels"] == 1000
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_checkpoints_every_round_end_and_follows_one_seed(config: Path) -> None:
+    loaded = yaml.safe_load(config.read_text())
+    checkpoints = [c["init_args"] for c in loaded["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoints) == 1
+    checkpoint, epochs_per_round = checkpoints[0], loaded["acquisition"]["epochs_per_round"]
+    # save_top_k 0 would write last.ckpt only when training ends: a kill before that would lose the whole run.
+    assert checkpoint["save_top_k"] != 0 and checkpoint["save_last"] in (True, "link")
+    assert checkpoint["save_on_train_epoch_end"] is True and epochs_per_round % checkpoint["every_n_epochs"] == 0
+    assert "monitor" not in checkpoint  # a monitored checkpoint would rank rounds against each other
+    # The run's folder is resumable: the logger appends to metrics.csv instead of deleting it.
+    assert loaded["trainer"]["logger"]["class_path"].endswith("AppendingCSVLogger")
+    # No explicit seeds: seed_everything seeds the data split and the acquisition.
+    assert "seed" not in loaded["data"]["init_args"] and "seed" not in loaded["acquisition"]

@@ -98,7 +98,7 @@ class AcquisitionCallback(Callback):
         seed: seed of the callback's own ``torch.Generator`` (pool sampling, random choices, tie-breaking); the
             training RNG stream is never touched. ``None`` takes the seed of ``seed_everything`` (0 without one).
         output_dir: where ``rounds.csv``, ``labeled_indices.json`` and ``learning_curve.png`` go; defaults to
-            the trainer's ``log_dir``.
+            the ``log_dir`` of the first fit's trainer (with one round per fit, every round's records stay there).
         plot: write ``learning_curve.png`` and print a summary table at the end of training.
 
     Raises:
@@ -216,9 +216,12 @@ class AcquisitionCallback(Callback):
                 "ends. Use rounds inside one fit (AcquisitionCallback(epochs_per_round=...)) or strategy='ddp'."
             )
         destroy_process_group_at_exit()
-        # trainer.log_dir broadcasts, so every rank must ask for it.
-        output_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
-        self._recorder = RoundRecorder(output_dir, self.strategy.name)
+        # trainer.log_dir broadcasts, so every rank must ask for it. The first fit's folder holds the records of
+        # all rounds: a new Trainer per round logs into a new version_N.
+        log_dir = trainer.log_dir
+        if self._recorder is None:
+            self._recorder = RoundRecorder(Path(self.output_dir or log_dir or trainer.default_root_dir),
+                                           self.strategy.name)
 
     def _setup_rounds_in_one_fit(self, trainer: pl.Trainer) -> None:
         assert self.epochs_per_round is not None

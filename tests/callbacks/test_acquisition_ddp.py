@@ -166,3 +166,47 @@ def test_gather_in_order_puts_2d_outputs_back_in_position_order(world_size: int)
         gather_in_order(recorder, shard, 7)
     trainer = SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(all_gather=lambda t: torch.stack(padded)))
     assert torch.equal(gather_in_order(trainer, shards[0], 7), outputs)
+
+
+def test_each_rank_loads_only_its_shard_of_the_test_set() -> None:
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from saal_lightning.callbacks.acquisition_round import held_out_accuracy
+
+    class RecordingImages(SyntheticImages):
+        def __init__(self) -> None:
+            super().__init__(11, seed=1)
+            self.loaded: list[int] = []
+
+        def __getitem__(self, index):
+            self.loaded.append(index)
+            return super().__getitem__(index)
+
+    test_set = RecordingImages()
+    datamodule = SimpleNamespace(test_dataloader=lambda: DataLoader(test_set, batch_size=4))
+    model = ActiveClassifier("small_cnn", num_classes=4, in_channels=1)
+    trainer = SimpleNamespace(global_rank=1, world_size=3, received_sigterm=False)
+    accuracy = held_out_accuracy(trainer, model, datamodule, MulticlassAccuracy(num_classes=4, average="micro"))
+    assert test_set.loaded == [1, 4, 7, 10]  # positions 1, 1 + 3, ...: nothing of the other ranks' shards
+    model.eval()
+    with torch.no_grad():
+        shard = test_set.images[[1, 4, 7, 10]]
+        expected = (model(shard).argmax(1) == test_set.targets[[1, 4, 7, 10]]).float().mean().item()
+    assert accuracy == pytest.approx(expected)  # (no process group here: torchmetrics reduces nothing)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo on CPU")
+def test_one_round_per_fit_is_refused_under_ddp_spawn(tmp_path: Path) -> None:
+    datamodule = ActiveDataModule(train_dataset=SyntheticImages(100, seed=0), test_dataset=SyntheticImages(20, seed=1),
+                                  initial_labels=8, batch_size=8, eval_batch_size=16)
+    acquisition = AcquisitionCallback("random", query_size=6, pool_size=25, output_dir=str(tmp_path / "run"))
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[acquisition])
+    with pytest.raises(Exception, match="One round per fit does not work with a strategy that starts its processes "
+                                        "per fit"):
+        trainer.fit(ActiveClassifier("small_cnn", num_classes=4, in_channels=1), datamodule=datamodule)
+    assert not (tmp_path / "run").exists()

@@ -243,3 +243,26 @@ def test_an_explicit_max_epochs_that_contradicts_rounds_inside_one_fit_is_refuse
     with pytest.raises(MisconfigurationException, match=r"max_epochs=3\) conflicts .* = 18 epochs"):
         pl.Trainer(max_epochs=3, callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
             _model(), datamodule=_datamodule())
+
+
+def test_the_weight_reset_restarts_the_gradient_scaler(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from tests.test_readme import MyClassifier  # automatic optimization, as fp16 scaling needs
+
+    class Scales(Callback):
+        def __init__(self) -> None:
+            self.scales: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    # A scale that doubles after every step, so that a scaler carried across rounds would be visible.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+    scales = Scales()
+    acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=2,
+                                      output_dir=str(tmp_path), plot=False)
+    pl.Trainer(plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)], callbacks=[acquisition, scales],
+               reload_dataloaders_every_n_epochs=1, **QUIET).fit(MyClassifier(), datamodule=_datamodule())
+    assert scales.scales[0::2] == [16.0, 16.0, 16.0]  # every round starts from the initial scale
+    assert all(scale > 16.0 for scale in scales.scales[1::2])

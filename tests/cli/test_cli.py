@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,54 @@ def test_any_backbone_by_class_path(tmp_path: Path, tiny_fashion_mnist: Path) ->
     run_dir = next((tmp_path / "runs" / "quickstart").glob("version_*"))
     assert "class_path: tests.synthetic_data.TinyMLP" in (run_dir / "config.yaml").read_text()
     assert len((run_dir / "rounds.csv").read_text().strip().splitlines()) == 4  # header + 3 rounds
+
+
+def test_seed_everything_seeds_the_data_and_the_acquisition_unless_set(tmp_path: Path,
+                                                                      tiny_fashion_mnist: Path) -> None:
+    import yaml
+
+    def run(name: str, *extra: str) -> tuple[dict, dict]:
+        main(["fit", "--config", QUICKSTART, *_tiny_overrides(tmp_path, tiny_fashion_mnist),
+              "--trainer.logger.init_args.name", name, "--acquisition.num_rounds", "1", *extra])
+        run_dir = tmp_path / "runs" / name / "version_0"
+        labeled = json.loads((run_dir / "labeled_indices.json").read_text())
+        return yaml.safe_load((run_dir / "config.yaml").read_text()), labeled
+
+    config_1, labeled_1 = run("seed1", "--seed_everything", "1")
+    assert config_1["data"]["init_args"]["seed"] == 1 and config_1["acquisition"]["seed"] == 1
+    config_2, labeled_2 = run("seed2", "--seed_everything", "2")
+    assert config_2["data"]["init_args"]["seed"] == 2 and config_2["acquisition"]["seed"] == 2
+    assert labeled_1["indices_by_round"]["0"] != labeled_2["indices_by_round"]["0"]  # another initial set
+    explicit, labeled_explicit = run("explicit", "--seed_everything", "2", "--data.init_args.seed", "1")
+    assert explicit["data"]["init_args"]["seed"] == 1 and explicit["acquisition"]["seed"] == 2
+    assert labeled_explicit["indices_by_round"]["0"] == labeled_1["indices_by_round"]["0"]
+
+
+def test_ckpt_path_last_without_a_run_is_a_one_line_error(tmp_path: Path, tiny_fashion_mnist: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, *_tiny_overrides(tmp_path, tiny_fashion_mnist), "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "saal: error: --ckpt_path last: no run to resume" in error and "Traceback" not in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_logs_into_the_run_it_resumes(tmp_path: Path, tiny_fashion_mnist: Path) -> None:
+    main(["fit", "--config", QUICKSTART, *_tiny_overrides(tmp_path, tiny_fashion_mnist)])
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    metrics_before = (run_dir / "metrics.csv").read_text().splitlines()
+    config_before = (run_dir / "config.yaml").read_text()
+    # Resuming a finished run trains nothing more, in the same folder, keeping its config and metrics.
+    main(["fit", "--config", QUICKSTART, *_tiny_overrides(tmp_path, tiny_fashion_mnist), "--ckpt_path", "last"])
+    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == ["version_0"]
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert (run_dir / "metrics.csv").read_text().splitlines()[: len(metrics_before)] == metrics_before
+    assert len((run_dir / "rounds.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_saal_fit_needs_epochs_per_round(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--acquisition.epochs_per_round", "null"])
+    assert exit_info.value.code != 0
+    assert "set acquisition.epochs_per_round" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_unbalanced_initial_set_is_seeded_random_draw():
 
 
 def test_an_empty_initial_set_is_refused_with_how_to_start():
-    with pytest.raises(ValueError, match=r"initial_labels=0: round 0 trains .* e\.g\. initial_labels=20"):
+    with pytest.raises(ValueError, match=r"initial_labels=0: round 0 trains .*e\.g\. initial_labels=20"):
         make_dm(balanced=False, initial_labels=0)
 
 
@@ -306,7 +306,7 @@ def test_state_dict_round_trip_with_weights_only_load():
     dm = make_dm(seed=3)
     dm.label(dm.sample_pool(6, torch.Generator().manual_seed(0)))
     state = roundtrip(dm.state_dict())
-    assert set(state) == {"labeled_round", "seed", "dataset_size"}
+    assert set(state) == {"labeled_round", "seed", "dataset_size", "round_start"}
     assert state["dataset_size"] == SIZE and state["seed"] == 3
 
     fresh = ActiveDataModule(index_dataset(), initial_labels=10, seed=3)
