@@ -4,8 +4,8 @@
     .venv/bin/python scripts/replicate.py --quick --strategies saal saal_gradient random   # a CPU-sized version
     .venv/bin/python scripts/replicate.py --summarize-only --out runs/replicate           # re-tabulate finished runs
 
-Each run is ``saal fit --config configs/<data set>/<strategy>_<optimizer>.yaml`` with the seed set for both the
-training and the acquisition generator, its records under ``--out``. ``saal_gradient`` is the published
+Each run is ``saal fit --config configs/<data set>/<strategy>_<optimizer>.yaml --seed_everything <seed>`` (which
+seeds the training, the initial labeled set and the acquisition's pools), its records under ``--out``. ``saal_gradient`` is the published
 ``saal`` config (SAAL with diversity) with ``space: gradient``: the runner compares the authors' 1-D seeding on
 the scores with seeding in BADGE's gradient space weighted by the score. The table reports, like the paper, the
 mean and standard deviation over seeds of the best test accuracy over the rounds (``best_test_acc``), next to the
@@ -47,7 +47,7 @@ def run_arguments(dataset: str, strategy: str, optimizer: str, seed: int, out: P
         raise SystemExit(f"replicate: no config {config.relative_to(REPO)} (strategies: see configs/{dataset}/)")
     return [
         "fit", "--config", str(config), *variant_args,
-        "--seed_everything", str(seed), "--acquisition.seed", str(seed), "--data.init_args.seed", str(seed),
+        "--seed_everything", str(seed),  # also seeds the initial labels, training order and pools
         "--trainer.logger.init_args.save_dir", str(out / dataset),
         "--trainer.logger.init_args.name", f"{strategy}_{optimizer}",
         "--trainer.logger.init_args.version", f"seed{seed}",

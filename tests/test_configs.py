@@ -52,7 +52,8 @@ def test_paper_protocol_values() -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_checkpoints_every_round_end_and_follows_one_seed(config: Path) -> None:
     loaded = yaml.safe_load(config.read_text())
-    checkpoints = [c["init_args"] for c in loaded["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    callbacks = loaded["trainer"]["callbacks"]
+    checkpoints = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
     assert len(checkpoints) == 1
     checkpoint, epochs_per_round = checkpoints[0], loaded["acquisition"]["epochs_per_round"]
     # save_top_k 0 would write last.ckpt only when training ends: a kill before that would lose the whole run.

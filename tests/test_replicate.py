@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from saal_lightning.data import vision_datasets
 from tests.synthetic_data import write_fashion
@@ -38,15 +40,20 @@ def test_runner_compares_saal_seeding_spaces_over_seeds(tmp_path: Path, monkeypa
         assert float(row["best_mean"]) == pytest.approx(statistics.mean(best))
         assert float(row["best_std"]) == pytest.approx(statistics.stdev(best))
         assert {r["strategy"] for rows in runs for r in rows} == {"saal_diverse"}
-    config = (out / "fashion_mnist" / "saal_gradient_adam" / "seed1" / "config.yaml").read_text()
-    assert "space: gradient" in config
+    config = yaml.safe_load((out / "fashion_mnist" / "saal_gradient_adam" / "seed1" / "config.yaml").read_text())
+    assert config["acquisition"]["strategy"]["init_args"]["space"] == "gradient"
+    # --seed_everything alone seeds the initial labeled set and the pools too: two seeds, two initial sets.
+    assert config["data"]["init_args"]["seed"] == 1 and config["acquisition"]["seed"] == 1
+    initial = [json.loads((out / "fashion_mnist" / "saal_adam" / f"seed{s}" / "labeled_indices.json").read_text())
+               ["indices_by_round"]["0"] for s in (1, 2)]
+    assert initial[0] != initial[1]
 
 
 def test_dry_run_lists_one_command_per_run(capsys: pytest.CaptureFixture) -> None:
     replicate.main(["--dry-run", "--strategies", "random", "badge", "--optimizers", "adam", "sam", "--seeds", "7"])
     commands = capsys.readouterr().out.strip().splitlines()
     assert len(commands) == 4
-    assert all("--seed_everything 7" in c and "--acquisition.seed 7" in c for c in commands)
+    assert all("--seed_everything 7" in c for c in commands)
     assert any("configs/fashion_mnist/badge_sam.yaml" in c for c in commands)
 
 

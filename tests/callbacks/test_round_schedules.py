@@ -13,23 +13,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
 
-from saal_lightning import AcquisitionCallback, ActiveClassifier, ActiveDataModule
+from saal_lightning import AcquisitionCallback
 from saal_lightning.models.backbones import build_backbone
+from tests.callbacks.tiny_experiment import QUIET as BASE_QUIET
+from tests.callbacks.tiny_experiment import tiny_classifier, tiny_datamodule
 from tests.synthetic_data import SyntheticImages
 
-QUIET = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-             enable_model_summary=False)
-
-
-def _datamodule(**kwargs) -> ActiveDataModule:
-    defaults = dict(train_dataset=SyntheticImages(160, seed=0), test_dataset=SyntheticImages(64, seed=1),
-                    initial_labels=8, batch_size=8, eval_batch_size=32, seed=0)
-    return ActiveDataModule(**(defaults | kwargs))
-
-
-def _model(lr: float = 1e-2) -> ActiveClassifier:
-    pl.seed_everything(0, verbose=False)
-    return ActiveClassifier("small_cnn", num_classes=4, in_channels=1, optimizer="adam", lr=lr)
+QUIET = BASE_QUIET | {"enable_checkpointing": False}
 
 
 def _rounds_csv(folder: Path) -> list[dict[str, str]]:
@@ -38,7 +28,7 @@ def _rounds_csv(folder: Path) -> list[dict[str, str]]:
 
 
 def test_one_round_per_fit_with_a_new_trainer_each_round(tmp_path: Path) -> None:
-    datamodule, model = _datamodule(), _model()
+    datamodule, model = tiny_datamodule(), tiny_classifier()
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, output_dir=str(tmp_path), plot=False)
     for expected_round in range(3):
         trainer = pl.Trainer(max_epochs=2, callbacks=[acquisition], **QUIET)
@@ -53,7 +43,7 @@ def test_one_round_per_fit_with_a_new_trainer_each_round(tmp_path: Path) -> None
 
 
 def test_fit_again_on_the_same_trainer_needs_max_epochs_raised(tmp_path: Path) -> None:
-    datamodule, model = _datamodule(), _model()
+    datamodule, model = tiny_datamodule(), tiny_classifier()
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, output_dir=str(tmp_path), plot=False)
     trainer = pl.Trainer(max_epochs=2, callbacks=[acquisition], **QUIET)
     trainer.fit(model, datamodule=datamodule)
@@ -70,12 +60,12 @@ def test_fit_again_on_the_same_trainer_needs_max_epochs_raised(tmp_path: Path) -
 
 
 def test_the_loop_of_fits_labels_what_rounds_inside_one_fit_label(tmp_path: Path) -> None:
-    per_fit_data, per_fit_model = _datamodule(), _model()
+    per_fit_data, per_fit_model = tiny_datamodule(), tiny_classifier()
     per_fit = AcquisitionCallback("entropy", query_size=4, pool_size=30, output_dir=str(tmp_path / "a"), plot=False)
     for _ in range(3):
         pl.Trainer(max_epochs=3, callbacks=[per_fit], **QUIET).fit(per_fit_model, datamodule=per_fit_data)
 
-    in_fit_data, in_fit_model = _datamodule(), _model()
+    in_fit_data, in_fit_model = tiny_datamodule(), tiny_classifier()
     in_fit = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=3, epochs_per_round=3,
                                  output_dir=str(tmp_path / "b"), plot=False)
     pl.Trainer(callbacks=[in_fit], reload_dataloaders_every_n_epochs=1, **QUIET).fit(in_fit_model,
@@ -84,7 +74,7 @@ def test_the_loop_of_fits_labels_what_rounds_inside_one_fit_label(tmp_path: Path
     assert torch.equal(per_fit_data.labeled_round, in_fit_data.labeled_round)
     assert [r["test_acc"] for r in per_fit.history] == [r["test_acc"] for r in in_fit.history[:3]]
     # ... and a different data seed labels something else (the comparison can fail).
-    other_data, other_model = _datamodule(seed=1), _model()
+    other_data, other_model = tiny_datamodule(seed=1), tiny_classifier()
     other = AcquisitionCallback("entropy", query_size=4, pool_size=30, output_dir=str(tmp_path / "c"), plot=False)
     for _ in range(3):
         pl.Trainer(max_epochs=3, callbacks=[other], **QUIET).fit(other_model, datamodule=other_data)
@@ -92,7 +82,7 @@ def test_the_loop_of_fits_labels_what_rounds_inside_one_fit_label(tmp_path: Path
 
 
 def test_a_fresh_callback_per_fit_is_refused(tmp_path: Path) -> None:
-    datamodule, model = _datamodule(), _model()
+    datamodule, model = tiny_datamodule(), tiny_classifier()
     pl.Trainer(max_epochs=1, callbacks=[AcquisitionCallback("random", query_size=4, pool_size=30, plot=False,
                                                             output_dir=str(tmp_path))], **QUIET).fit(
         model, datamodule=datamodule)
@@ -104,7 +94,7 @@ def test_a_fresh_callback_per_fit_is_refused(tmp_path: Path) -> None:
 
 
 def test_one_round_per_fit_stops_after_num_rounds(tmp_path: Path) -> None:
-    datamodule, model = _datamodule(), _model()
+    datamodule, model = tiny_datamodule(), tiny_classifier()
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=1, output_dir=str(tmp_path),
                                       plot=False)
     for _ in range(2):
@@ -136,7 +126,7 @@ def test_early_stopping_restarts_at_every_round_of_a_loop_of_fits(tmp_path: Path
     early_stopping = EarlyStopping(monitor="train_loss", min_delta=1e9, patience=1, check_on_train_epoch_end=True)
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, output_dir=str(tmp_path), plot=False)
     epochs = EpochsPerFit()
-    datamodule, model = _datamodule(), _model()
+    datamodule, model = tiny_datamodule(), tiny_classifier()
     for _ in range(3):
         pl.Trainer(max_epochs=5, callbacks=[early_stopping, acquisition, epochs], **QUIET).fit(
             model, datamodule=datamodule)
@@ -152,7 +142,7 @@ def test_callbacks_comparing_rounds_inside_one_fit_are_refused_before_training(t
         (ModelCheckpoint(monitor="val_acc", dirpath=tmp_path / "ckpt"),
          r"ModelCheckpoint\(monitor='val_acc'\) would rank checkpoints of different rounds"),
     ):
-        datamodule, model = _datamodule(), _model()
+        datamodule, model = tiny_datamodule(), tiny_classifier()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=1,
                                           output_dir=str(tmp_path / "run"))
@@ -166,7 +156,7 @@ def test_callbacks_comparing_rounds_inside_one_fit_are_refused_before_training(t
 
 
 def test_a_reused_monitoring_checkpoint_is_refused_in_a_loop_of_fits(tmp_path: Path) -> None:
-    datamodule, model = _datamodule(val_dataset=SyntheticImages(16, seed=2)), _model()
+    datamodule, model = tiny_datamodule(val_dataset=SyntheticImages(16, seed=2)), tiny_classifier()
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, output_dir=str(tmp_path), plot=False)
     for round_index in range(2):  # a new ModelCheckpoint per fit works
         checkpoint = ModelCheckpoint(monitor="val_acc", mode="max", dirpath=tmp_path / f"round_{round_index}")
@@ -217,14 +207,14 @@ def test_the_weight_reset_restarts_lr_schedulers(tmp_path: Path) -> None:
                                       output_dir=str(tmp_path), plot=False)
     pl.seed_everything(0, verbose=False)
     pl.Trainer(callbacks=[acquisition, rates], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
-        ScheduledClassifier("step"), datamodule=_datamodule())
+        ScheduledClassifier("step"), datamodule=tiny_datamodule())
     assert rates.rates == pytest.approx([0.1, 0.05] * 3)  # without the restart: 0.1 / 2**epoch
 
 
 def test_a_plateau_scheduler_without_weight_reset_is_refused(tmp_path: Path) -> None:
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=2,
                                       reset_weights=False, output_dir=str(tmp_path / "run"))
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     with pytest.raises(MisconfigurationException, match="ReduceLROnPlateau .* reset_weights=False nothing "
                                                         "restarts it"):
         pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
@@ -234,7 +224,7 @@ def test_a_plateau_scheduler_without_weight_reset_is_refused(tmp_path: Path) -> 
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=2,
                                       output_dir=str(tmp_path / "ok"), plot=False)
     pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
-        ScheduledClassifier("plateau"), datamodule=_datamodule())
+        ScheduledClassifier("plateau"), datamodule=tiny_datamodule())
     assert len(acquisition.history) == 3
 
 
@@ -242,7 +232,7 @@ def test_an_explicit_max_epochs_that_contradicts_rounds_inside_one_fit_is_refuse
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=5, epochs_per_round=3)
     with pytest.raises(MisconfigurationException, match=r"max_epochs=3\) conflicts .* = 18 epochs"):
         pl.Trainer(max_epochs=3, callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
-            _model(), datamodule=_datamodule())
+            tiny_classifier(), datamodule=tiny_datamodule())
 
 
 def test_the_weight_reset_restarts_the_gradient_scaler(tmp_path: Path) -> None:
@@ -263,6 +253,6 @@ def test_the_weight_reset_restarts_the_gradient_scaler(tmp_path: Path) -> None:
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=2,
                                       output_dir=str(tmp_path), plot=False)
     pl.Trainer(plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)], callbacks=[acquisition, scales],
-               reload_dataloaders_every_n_epochs=1, **QUIET).fit(MyClassifier(), datamodule=_datamodule())
+               reload_dataloaders_every_n_epochs=1, **QUIET).fit(MyClassifier(), datamodule=tiny_datamodule())
     assert scales.scales[0::2] == [16.0, 16.0, 16.0]  # every round starts from the initial scale
     assert all(scale > 16.0 for scale in scales.scales[1::2])

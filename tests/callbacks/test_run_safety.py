@@ -16,20 +16,8 @@ from saal_lightning import AcquisitionCallback, ActiveClassifier, ActiveDataModu
 from saal_lightning.acquisition.strategies import Entropy
 from saal_lightning.callbacks.resume_checks import ResumeMismatchError
 from saal_lightning.callbacks.training_health import TrainingDivergedError
+from tests.callbacks.tiny_experiment import QUIET, tiny_classifier, tiny_datamodule
 from tests.synthetic_data import SyntheticImages
-
-QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-
-
-def _datamodule(**kwargs) -> ActiveDataModule:
-    defaults = dict(train_dataset=SyntheticImages(160, seed=0), test_dataset=SyntheticImages(64, seed=1),
-                    initial_labels=8, batch_size=8, eval_batch_size=32, seed=0)
-    return ActiveDataModule(**(defaults | kwargs))
-
-
-def _model(lr: float = 1e-2) -> ActiveClassifier:
-    pl.seed_everything(0, verbose=False)
-    return ActiveClassifier("small_cnn", num_classes=4, in_channels=1, optimizer="adam", lr=lr)
 
 
 class NaNLossAfter(ActiveClassifier):
@@ -46,7 +34,7 @@ class NaNLossAfter(ActiveClassifier):
 
 @pytest.mark.parametrize("epochs_per_round", [None, 3], ids=["per-fit", "in-fit"])
 def test_a_non_finite_training_loss_stops_the_run_naming_round_and_epoch(tmp_path: Path, epochs_per_round) -> None:
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=3,
                                       epochs_per_round=epochs_per_round, output_dir=str(tmp_path), plot=False)
     trainer_args = dict(max_epochs=3) if epochs_per_round is None else dict(reload_dataloaders_every_n_epochs=1)
@@ -65,11 +53,11 @@ def test_non_finite_parameters_stop_the_round_before_acquiring(tmp_path: Path) -
             with torch.no_grad():
                 pl_module.backbone.head.weight[0, 0] = float("inf")
 
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, output_dir=str(tmp_path), plot=False)
     with pytest.raises(TrainingDivergedError, match=r"round 0: the model's backbone.head.weight hold NaN"):
         pl.Trainer(max_epochs=1, callbacks=[BreakWeights(), acquisition], enable_checkpointing=False,
-                   **QUIET).fit(_model(), datamodule=datamodule)
+                   **QUIET).fit(tiny_classifier(), datamodule=datamodule)
     assert datamodule.num_labeled == 8 and not (tmp_path / "rounds.csv").exists()
 
 
@@ -87,12 +75,12 @@ class ConstantScores(Entropy):
 
 
 def test_non_finite_scores_are_refused_at_acquisition(tmp_path: Path) -> None:
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     acquisition = AcquisitionCallback(ConstantScores(broken_items=3), query_size=4, pool_size=30,
                                       output_dir=str(tmp_path), plot=False)
     with pytest.raises(TrainingDivergedError, match="Round 0: 3 of 30 entropy scores are not finite"):
         pl.Trainer(max_epochs=1, callbacks=[acquisition], enable_checkpointing=False, **QUIET).fit(
-            _model(), datamodule=datamodule)
+            tiny_classifier(), datamodule=datamodule)
     assert datamodule.num_labeled == 8
 
 
@@ -108,32 +96,32 @@ def test_equal_scores_warn_and_break_ties_at_random_not_by_pool_position(tmp_pat
 
             trainer.datamodule.sample_pool = recording
 
-    datamodule, recorder = _datamodule(), PoolRecorder()
+    datamodule, recorder = tiny_datamodule(), PoolRecorder()
     acquisition = AcquisitionCallback(ConstantScores(value=-0.0), query_size=4, pool_size=30,
                                       output_dir=str(tmp_path), plot=False)
     with pytest.warns(UserWarning, match=r"Round 0: all 30 entropy scores are equal \(-0.0\), so they carry no "
                                          "information"):
         pl.Trainer(max_epochs=1, callbacks=[recorder, acquisition], enable_checkpointing=False, **QUIET).fit(
-            _model(), datamodule=datamodule)
+            tiny_classifier(), datamodule=datamodule)
     chosen = torch.nonzero(datamodule.labeled_round == 1).flatten().tolist()
     pool = recorder.pools[0]
     assert chosen != pool[:4].tolist()  # the old behaviour: the 4 lowest pool positions
     # The draw is the callback generator's: the same seed picks the same items again.
-    again, recorder_again = _datamodule(), PoolRecorder()
+    again, recorder_again = tiny_datamodule(), PoolRecorder()
     with pytest.warns(UserWarning):
         pl.Trainer(max_epochs=1, callbacks=[recorder_again, AcquisitionCallback(
             ConstantScores(value=-0.0), query_size=4, pool_size=30, output_dir=str(tmp_path / "again"),
-            plot=False)], enable_checkpointing=False, **QUIET).fit(_model(), datamodule=again)
+            plot=False)], enable_checkpointing=False, **QUIET).fit(tiny_classifier(), datamodule=again)
     assert torch.equal(again.labeled_round, datamodule.labeled_round)
 
 
 def test_a_pool_larger_than_the_unlabeled_set_says_once_that_it_scores_all(tmp_path: Path) -> None:
-    datamodule = _datamodule(train_dataset=SyntheticImages(24, seed=0))
+    datamodule = tiny_datamodule(train_dataset=SyntheticImages(24, seed=0))
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=15, num_rounds=3, epochs_per_round=1,
                                       output_dir=str(tmp_path), plot=False)
     with pytest.warns(UserWarning, match="pool_size=15 is larger than the 12 unlabeled items left") as caught:
         pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, enable_checkpointing=False,
-                   **QUIET).fit(_model(), datamodule=datamodule)
+                   **QUIET).fit(tiny_classifier(), datamodule=datamodule)
     assert sum("pool_size=15" in str(w.message) for w in caught) == 1
     assert [row["pool_size"] for row in acquisition.history] == [15, 12, 8, 0]
 
@@ -142,7 +130,7 @@ def test_records_get_the_permissions_of_the_runs_other_files(tmp_path: Path) -> 
     acquisition = AcquisitionCallback("random", query_size=4, pool_size=30, num_rounds=1, epochs_per_round=1,
                                       output_dir=str(tmp_path))
     pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, enable_checkpointing=False,
-               **QUIET).fit(_model(), datamodule=_datamodule())
+               **QUIET).fit(tiny_classifier(), datamodule=tiny_datamodule())
     mask = os.umask(0)
     os.umask(mask)
     expected = 0o666 & ~mask
@@ -158,12 +146,12 @@ def test_the_callback_seed_follows_seed_everything_unless_set(monkeypatch: pytes
 
 
 def test_an_empty_labeled_set_is_refused_before_training(tmp_path: Path) -> None:
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     datamodule.setup("fit")
     datamodule.labeled_round[:] = -1
     with pytest.raises(ValueError, match="no labeled items, so there is nothing to train round 0 on"):
         pl.Trainer(max_epochs=1, callbacks=[AcquisitionCallback("random", pool_size=30)], enable_checkpointing=False,
-                   **QUIET).fit(_model(), datamodule=datamodule)
+                   **QUIET).fit(tiny_classifier(), datamodule=datamodule)
 
 
 # ---------------------------------------------------------------------------------------------- resume checks
@@ -185,7 +173,7 @@ def _crashed_run(root: Path) -> Path:
                                       output_dir=str(root), plot=False)
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=-1, save_on_train_epoch_end=True)
     pl.Trainer(callbacks=[acquisition, checkpoints, Stop()], reload_dataloaders_every_n_epochs=1, **QUIET).fit(
-        _model(), datamodule=_datamodule())
+        tiny_classifier(), datamodule=tiny_datamodule())
     return root / "ckpt" / "last.ckpt"
 
 
@@ -224,7 +212,7 @@ def test_a_resume_with_changed_options_is_refused_naming_each(tmp_path: Path, ch
     trainer = pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, enable_checkpointing=False,
                          **QUIET)
     with pytest.raises((ResumeMismatchError, ValueError)) as refusal:
-        trainer.fit(_model(), datamodule=datamodule, ckpt_path=str(checkpoint))
+        trainer.fit(tiny_classifier(), datamodule=datamodule, ckpt_path=str(checkpoint))
     message = str(refusal.value)
     for line in expected_lines:
         assert line in message, message
@@ -235,15 +223,15 @@ def test_a_resume_with_changed_options_is_refused_naming_each(tmp_path: Path, ch
 
 
 def test_a_checkpoint_without_the_callbacks_state_is_refused(tmp_path: Path) -> None:
-    model = _model()
+    model = tiny_classifier()
     plain = pl.Trainer(max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)], **QUIET)
-    plain.fit(model, datamodule=_datamodule())
+    plain.fit(model, datamodule=tiny_datamodule())
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=2, epochs_per_round=1,
                                       output_dir=str(tmp_path / "run"))
     with pytest.raises(ResumeMismatchError, match=r"holds no AcquisitionCallback state of this version \(callback "
                                                   r"states found: \[\"ModelCheckpoint"):
         pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, enable_checkpointing=False,
-                   **QUIET).fit(_model(), datamodule=_datamodule(), ckpt_path=str(tmp_path / "last.ckpt"))
+                   **QUIET).fit(tiny_classifier(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert not (tmp_path / "run").exists()
 
 
@@ -254,12 +242,12 @@ def test_the_same_options_resume_and_reconcile_records_that_ran_ahead(tmp_path: 
     rounds_csv = tmp_path / "run" / "rounds.csv"
     rounds_csv.write_text(rounds_csv.read_text() + rounds_csv.read_text().splitlines()[-1].replace("0,", "1,", 1)
                           + "\n")
-    datamodule = _datamodule()
+    datamodule = tiny_datamodule()
     acquisition = AcquisitionCallback("entropy", query_size=4, pool_size=30, num_rounds=3, epochs_per_round=2,
                                       output_dir=str(tmp_path / "run"), plot=False)
     with caplog.at_level("WARNING"):
         pl.Trainer(callbacks=[acquisition], reload_dataloaders_every_n_epochs=1, enable_checkpointing=False,
-                   **QUIET).fit(_model(), datamodule=datamodule, ckpt_path=str(checkpoint))
+                   **QUIET).fit(tiny_classifier(), datamodule=datamodule, ckpt_path=str(checkpoint))
     assert "(rounds 0-1, 12 labeled) do not match the checkpoint being resumed (rounds 0-0, 12 labeled): the " \
            "checkpoint wins" in caplog.text
     assert [int(line.split(",")[0]) for line in rounds_csv.read_text().splitlines()[1:]] == [0, 1, 2, 3]
