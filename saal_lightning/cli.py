@@ -13,7 +13,8 @@ checkpoint resumes it anywhere. What this module adds to LightningCLI:
   empty ``version_N + 1`` and start from scratch). A resumed run keeps the ``config.yaml`` it started with.
 * ``seed_everything`` seeds the data module's and the acquisition callback's seeds when they are left unset, and
   the saved ``config.yaml`` shows the values in use.
-* A refused resume, a missing data set or a diverged training ends with one line on stderr (exit status 2, or 1
+* A refused resume, answers that cannot be imported, a missing data set or a diverged training ends with one
+  line on stderr (exit status 2, or 1
   for divergence) instead of a traceback; SIGTERM stops the run with exit status 143, resumable with
   ``--ckpt_path last``.
 """
@@ -33,6 +34,7 @@ from saal_lightning.callbacks.resume_checks import ResumeMismatchError
 from saal_lightning.callbacks.training_health import TrainingDivergedError
 from saal_lightning.data.active_datamodule import ActiveDataModule
 from saal_lightning.data.vision_datasets import DatasetNotFoundError
+from saal_lightning.labeling.query_files import LabelImportError
 from saal_lightning.models.classifier import ActiveClassifier
 
 # The exit status of a process ended by SIGTERM, by shell convention (128 + 15).
@@ -141,7 +143,7 @@ def main(args: ArgsType = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (DatasetNotFoundError, CheckpointNotFoundError, ResumeMismatchError) as err:
+    except (DatasetNotFoundError, CheckpointNotFoundError, ResumeMismatchError, LabelImportError) as err:
         print(f"saal: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDivergedError as err:

@@ -39,8 +39,9 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from saal_lightning.acquisition.selection import uniform_random
 from saal_lightning.acquisition.strategies import AcquisitionStrategy, build_strategy
-from saal_lightning.callbacks.acquisition_round import choose_items, held_out_accuracy
+from saal_lightning.callbacks.acquisition_round import choose_items, held_out_accuracy, predicted_classes
 from saal_lightning.callbacks.global_rng import capture_global_rng, restore_global_rng
 from saal_lightning.callbacks.metric_watchers import (
     PerRoundWatchers,
@@ -51,6 +52,8 @@ from saal_lightning.callbacks.pool_scoring import destroy_process_group_at_exit
 from saal_lightning.callbacks.resume_checks import ResumeMismatchError, data_description, refuse_if_different
 from saal_lightning.callbacks.training_health import NonFiniteLossCounter, batch_loss, check_finite_parameters
 from saal_lightning.experiment_seed import resolve_seed
+from saal_lightning.labeling.label_studio import local_files_url
+from saal_lightning.labeling.query_files import append_to_ledger, read_answers, write_queries
 from saal_lightning.reporting.progress import show_final_metrics
 from saal_lightning.reporting.round_recorder import RoundRecorder
 
@@ -100,6 +103,14 @@ class AcquisitionCallback(Callback):
         output_dir: where ``rounds.csv``, ``labeled_indices.json`` and ``learning_curve.png`` go; defaults to
             the ``log_dir`` of the first fit's trainer (with one round per fit, every round's records stay there).
         plot: write ``learning_curve.png`` and print a summary table at the end of training.
+        partial_labels: with people as the oracle (``datamodule.oracle == "human"``), accept a round's answers
+            with some items left unlabeled (empty label, or row removed); they stay unlabeled and may be queried
+            again. By default every queried item must be labeled.
+
+    With people as the oracle, a round's end writes its queries (``<output dir>/queries/round_<r>.csv``, a
+    contact sheet and Label Studio tasks) instead of labeling, and stops the fit; the next fit (the same command
+    with ``--ckpt_path last``) validates and imports the answers, appends them to ``<output dir>/labels.csv``
+    and goes on. Without any label, the first query is a random draw, made before any training.
 
     Raises:
         ValueError: for invalid sizes or counts, or an unknown strategy name.
@@ -126,6 +137,7 @@ class AcquisitionCallback(Callback):
         seed: int | None = None,
         output_dir: str | None = None,
         plot: bool = True,
+        partial_labels: bool = False,
     ) -> None:
         if not _is_int(query_size) or query_size < 1:
             raise ValueError(f"query_size must be a positive integer, got {query_size!r}")
@@ -145,6 +157,7 @@ class AcquisitionCallback(Callback):
         self.seed = resolve_seed(seed)
         self.output_dir = output_dir
         self.plot = plot
+        self.partial_labels = partial_labels
         self.generator = torch.Generator().manual_seed(self.seed)
         self.history: list[dict[str, Any]] = []
         self._initial_model_state: dict[str, torch.Tensor] | None = None
@@ -165,6 +178,10 @@ class AcquisitionCallback(Callback):
         self._losses = NonFiniteLossCounter()
         self._watchers = PerRoundWatchers()
         self._warned_small_pool = False
+        # People as the oracle: the query waiting for their answers ({"round", "indices", "paths"}), and whether
+        # this fit stopped to wait for them.
+        self._pending_query: dict[str, Any] | None = None
+        self._stopped_for_labels = False
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer with its callbacks. A torch.Generator pickles through a temporary state
@@ -207,6 +224,11 @@ class AcquisitionCallback(Callback):
             )
         if self.rounds_in_one_fit:
             self._setup_rounds_in_one_fit(trainer)
+            if _asks_people(datamodule) and trainer.checkpoint_callback is None:
+                raise MisconfigurationException(
+                    "With people as the oracle the run stops after every query and resumes from its checkpoint: "
+                    "add ModelCheckpoint(save_last=True, save_on_train_epoch_end=True, every_n_epochs=1)."
+                )
         elif trainer.world_size > 1 and multiprocessing.parent_process() is not None:
             # Spawned (or forked) workers send nothing but the weights back to the main process, so the next fit
             # would start again from the initial labeled set.
@@ -277,6 +299,13 @@ class AcquisitionCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = trainer.datamodule
+        self._stopped_for_labels = False
+        self._data = data_description(datamodule)
+        if self._pending_query is not None:
+            self._import_answers(trainer, datamodule)
+        if datamodule.num_labeled == 0 and _asks_people(datamodule):
+            self._ask_without_a_model(trainer, pl_module, datamodule)
+            return
         self._check_split_matches_history(datamodule)
         self._check_budget(datamodule)
         self._fit_recorded_round = False
@@ -297,7 +326,6 @@ class AcquisitionCallback(Callback):
         self._accuracy = MulticlassAccuracy(num_classes=datamodule.num_classes, average="micro").to(
             pl_module.device
         )
-        self._data = data_description(datamodule)
         self.strategy.setup(trainer, pl_module)
         if trainer.is_global_zero:
             assert self._recorder is not None
@@ -384,8 +412,9 @@ class AcquisitionCallback(Callback):
         if not self.rounds_in_one_fit or (trainer.current_epoch + 1) % self.epochs_per_round:
             return
         record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch)
-        pl_module.log("al/test_acc", record["test_acc"], prog_bar=True)
-        pl_module.log("al/best_test_acc", record["best_test_acc"])
+        if record["test_acc"] is not None:
+            pl_module.log("al/test_acc", record["test_acc"], prog_bar=True)
+            pl_module.log("al/best_test_acc", record["best_test_acc"])
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -393,7 +422,8 @@ class AcquisitionCallback(Callback):
             record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch - 1)
             self._round_in_progress = False
             self._fit_recorded_round = True
-            metrics = {f"al/{key}": float(record[key]) for key in ("round", "num_labeled", "test_acc")}
+            metrics = {f"al/{key}": float(record[key]) for key in ("round", "num_labeled", "test_acc")
+                       if record[key] is not None}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         show_final_metrics(trainer, pl_module)
@@ -402,6 +432,9 @@ class AcquisitionCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stopped_for_labels:
+            self._tell_people_what_to_do(trainer)
+            return
         # Lightning skips the training hooks of a fit whose loop is already done.
         if not self.rounds_in_one_fit and not self._fit_recorded_round:
             raise MisconfigurationException(
@@ -429,17 +462,22 @@ class AcquisitionCallback(Callback):
                 started = time.perf_counter()
                 self.strategy.on_round_end(trainer, pl_module, datamodule)
                 pool_size = self._round_pool_size(datamodule)
-                selection = choose_items(trainer, pl_module, datamodule, self.strategy, self.query_size, pool_size,
-                                         self.generator, round_index)
-                datamodule.label(selection, round=round_index + 1)
-                acquired = len(selection)
+                selection, scores = choose_items(trainer, pl_module, datamodule, self.strategy, self.query_size,
+                                                 pool_size, self.generator, round_index)
+                if _asks_people(datamodule):
+                    self._ask_people(trainer, datamodule, round_index + 1, selection, scores,
+                                     predicted_classes(pl_module, datamodule, selection))
+                else:
+                    datamodule.label(selection, round=round_index + 1)
+                    acquired = len(selection)
                 acquisition_seconds = round(time.perf_counter() - started, 4)
                 self._reset_pending = self.reset_weights
         record = {
             "round": round_index,
             "num_labeled": num_labeled,
             "test_acc": test_acc,
-            "best_test_acc": max([test_acc] + [row["test_acc"] for row in self.history]),
+            "best_test_acc": max([row["test_acc"] for row in self.history if row["test_acc"] is not None] +
+                                 ([test_acc] if test_acc is not None else []), default=None),
             "acquisition_seconds": acquisition_seconds,
             "train_seconds": round(train_seconds, 4),
             "num_acquired": acquired,
@@ -454,6 +492,84 @@ class AcquisitionCallback(Callback):
             self._recorder.write(self.history, self._labeled_round(datamodule))
         self._round_started_at = time.perf_counter()
         return record
+
+    # ------------------------------------------------------------------ people as the oracle
+    def _ask_people(self, trainer: pl.Trainer, datamodule: Any, round_index: int, selection: torch.Tensor,
+                    scores: torch.Tensor | None, predicted: torch.Tensor | None) -> None:
+        """Write the query for round ``round_index``'s labels and stop the fit until people answer it."""
+        names = datamodule.item_names(selection)
+        classes = datamodule.class_names
+        rows = [{"index": int(index), "path": name,
+                 "pseudo_label": classes[int(predicted[n])] if predicted is not None else "",
+                 "score": round(float(scores[n]), 6) if scores is not None else ""}
+                for n, (index, name) in enumerate(zip(selection, names, strict=True))]
+        self._pending_query = {"round": round_index, "indices": selection.clone(), "paths": names}
+        if trainer.is_global_zero:
+            assert self._recorder is not None
+            image_files = ([datamodule.image_path(int(i)) for i in selection] if hasattr(datamodule, "image_path")
+                           else None)
+            write_queries(self._queries_dir, round_index, rows, classes, image_files, local_files_url)
+        trainer.should_stop = True
+        self._stopped_for_labels = True
+
+    def _ask_without_a_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> None:
+        """No label at all: the first query is a random draw, and the fit stops before any training."""
+        unlabeled = datamodule.unlabeled_indices
+        size = min(self.query_size, len(unlabeled))
+        # Every rank draws the same positions from its identical generator.
+        selection = unlabeled[uniform_random(len(unlabeled), size, self.generator)]
+        self._ask_people(trainer, datamodule, 0, selection, None, None)
+        # No epoch will end to checkpoint this state: write the checkpoint that --ckpt_path last resumes.
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            path = str(Path(checkpoint.dirpath) / "last.ckpt")
+            # Recorded as the checkpoint callback's own "last", so that its next save replaces the file (and
+            # --ckpt_path last keeps finding the newest state) instead of writing last-v1.ckpt beside it.
+            checkpoint.last_model_path = path
+            trainer.save_checkpoint(path)
+
+    def _import_answers(self, trainer: pl.Trainer, datamodule: Any) -> None:
+        """Validate and label the pending query's answers; append them to the ledger; finish its round."""
+        query = self._pending_query
+        assert query is not None and self._recorder is not None
+        indices, paths, round_index = query["indices"], list(query["paths"]), int(query["round"])
+        labeled = set(datamodule.labeled_indices.tolist())
+        if not any(int(i) in labeled for i in indices):  # not labeled through the Python API: read the file
+            source, answers = read_answers(self._queries_dir, round_index,
+                                           dict(zip(indices.tolist(), paths, strict=True)), datamodule.class_names,
+                                           partial=self.partial_labels)
+            if answers:
+                datamodule.label(torch.tensor(list(answers)), torch.tensor(list(answers.values())), round=round_index)
+            log.info("Imported %d labels from %s.", len(answers), source)
+        now_labeled = [(int(i), path) for i, path in zip(indices, paths, strict=True)
+                       if int(datamodule.labeled_round[int(i)]) >= 0]
+        if self.history:
+            self.history[-1]["num_acquired"] = len(now_labeled)
+        if trainer.is_global_zero:
+            classes = datamodule.class_names
+            entries = [(path, classes[int(datamodule.labels[index])], round_index) for index, path in now_labeled]
+            ledger = self._recorder.output_dir / "labels.csv"
+            added = append_to_ledger(ledger, entries)
+            if added < len(entries):
+                log.warning("%d of round %d's %d labels were already in %s: not added again.",
+                            len(entries) - added, round_index, len(entries), ledger)
+            self._recorder.write(self.history, self._labeled_round(datamodule))
+        self._pending_query = None
+
+    def _tell_people_what_to_do(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or self._pending_query is None:
+            return
+        round_index = self._pending_query["round"]
+        print(f"saal: {len(self._pending_query['indices'])} items to label for round {round_index}: fill the "
+              f"label column of {self._queries_dir / f'round_{round_index}.csv'} with class names (or label "
+              f"round_{round_index}.tasks.json in Label Studio and save its JSON export as "
+              f"round_{round_index}.export.json there), then rerun the same command with --ckpt_path last.",
+              flush=True)
+
+    @property
+    def _queries_dir(self) -> Path:
+        assert self._recorder is not None
+        return self._recorder.output_dir / "queries"
 
     def _round_pool_size(self, datamodule: Any) -> int:
         unlabeled = len(datamodule.unlabeled_indices)
@@ -494,6 +610,7 @@ class AcquisitionCallback(Callback):
             "data": dict(self._data),
             "reset_pending": self._reset_pending,
             "round_in_progress": self._round_in_progress,
+            "pending_query": dict(self._pending_query) if self._pending_query is not None else None,
             "global_rng": capture_global_rng(),
         }
 
@@ -505,7 +622,12 @@ class AcquisitionCallback(Callback):
         self.strategy.load_state_dict(state_dict["strategy"])
         self._reset_pending = bool(state_dict["reset_pending"])
         self._round_in_progress = bool(state_dict["round_in_progress"])
+        self._pending_query = state_dict.get("pending_query")
         restore_global_rng(state_dict["global_rng"])
+
+
+def _asks_people(datamodule: Any) -> bool:
+    return getattr(datamodule, "oracle", "simulated") == "human"
 
 
 def _is_int(value: Any) -> bool:

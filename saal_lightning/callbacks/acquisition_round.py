@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 
 def held_out_accuracy(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any,
-                  accuracy: MulticlassAccuracy) -> float:
-    """Accuracy on the held-out set; each rank loads and scores only its shard, torchmetrics reduces."""
+                  accuracy: MulticlassAccuracy) -> float | None:
+    """Accuracy on the held-out set (``None`` without one); each rank loads and scores only its shard."""
     loader = datamodule.test_dataloader()
+    if loader is None:
+        return None
     positions = shard_positions(len(loader.dataset), trainer.global_rank, trainer.world_size)
     shard = DataLoader(Subset(loader.dataset, positions.tolist()), batch_size=loader.batch_size,
                        num_workers=loader.num_workers, collate_fn=loader.collate_fn)
@@ -59,8 +61,11 @@ def choose_items(
     pool_size: int,
     generator: torch.Generator,
     round_index: int,
-) -> torch.Tensor:
-    """Sample a pool of ``pool_size`` unlabeled items, score it, and return the training-set indices to label.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample a pool of ``pool_size`` unlabeled items, score it, and choose the items to label.
+
+    Returns the chosen training-set indices in selection order, and their scores (``None`` for a strategy whose
+    outputs are embeddings).
 
     Rank 0 selects; the selection and the generator's state are broadcast, so every rank labels the same items
     and draws the same next pool.
@@ -81,16 +86,16 @@ def choose_items(
             labeled_outputs = score_items(trainer, strategy, model, datamodule.pool_dataloader, labeled,
                                           model.device, advance)
     check_scores(pool_outputs, strategy, round_index)
-    selection, generator_state = None, None
+    positions, generator_state = None, None
     if trainer.is_global_zero:
         positions = torch.as_tensor(strategy.select(pool_outputs, query_size, generator, labeled_outputs))
         check_selection(positions, query_size, pool_size, strategy)
-        selection, generator_state = pool[positions], generator.get_state()
+        generator_state = generator.get_state()
     # Rank 0 decides once; every rank keeps its generator in step with rank 0's (select() may have drawn from
     # it), so the next round's pool is identical everywhere.
-    selection, generator_state = broadcast_from_rank_zero(trainer, (selection, generator_state))
+    positions, generator_state = broadcast_from_rank_zero(trainer, (positions, generator_state))
     generator.set_state(generator_state)
-    return selection
+    return pool[positions], pool_outputs[positions] if pool_outputs.ndim == 1 else None
 
 
 def check_scores(outputs: torch.Tensor, strategy: AcquisitionStrategy, round_index: int) -> None:
@@ -108,6 +113,18 @@ def check_scores(outputs: torch.Tensor, strategy: AcquisitionStrategy, round_ind
             "so they carry no information about which items to label; ties are broken at random. A model whose "
             "training diverged or collapsed to one class scores like this."
         )
+
+
+def predicted_classes(model: pl.LightningModule, datamodule: Any, indices: torch.Tensor) -> torch.Tensor:
+    """The model's class for each item at ``indices`` (the pseudo labels shown to the people who label)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([model(batch[0].to(model.device)).argmax(dim=1).cpu()
+                              for batch in datamodule.pool_dataloader(indices)])
+    finally:
+        model.train(was_training)
 
 
 def check_selection(positions: torch.Tensor, query_size: int, pool_size: int, strategy: AcquisitionStrategy) -> None:

@@ -1,6 +1,7 @@
 """Data: the labeled/unlabeled split as a Lightning data module, and the paper's image data sets."""
 
 from saal_lightning.data.active_datamodule import ActiveDataModule, read_targets
+from saal_lightning.data.image_folder import ImageFolderActiveDataModule
 from saal_lightning.data.vision_datasets import (
     VISION_DATASETS,
     DatasetNotFoundError,
@@ -12,6 +13,7 @@ __all__ = [
     "VISION_DATASETS",
     "ActiveDataModule",
     "DatasetNotFoundError",
+    "ImageFolderActiveDataModule",
     "VisionActiveDataModule",
     "VisionDatasetSpec",
     "read_targets",

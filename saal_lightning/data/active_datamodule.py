@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -84,9 +84,13 @@ def read_targets(dataset: Dataset) -> torch.Tensor:
 class ActiveDataModule(pl.LightningDataModule):
     """A training set split into labeled and unlabeled items, plus a held-out test set.
 
-    The simulated oracle reads the training set's own targets: :meth:`label` moves items from the unlabeled to
-    the labeled set, and :meth:`train_dataloader` iterates over the labeled items only. The acquisition callback
-    draws a random candidate pool with :meth:`sample_pool` and scores it through :meth:`pool_dataloader`.
+    Labels come from an oracle. The simulated one (``oracle="simulated"``, for benchmarks) reads the training
+    set's own targets when :meth:`label` is called without labels. A human one (``oracle="human"``) never reads
+    a target: the training set may return inputs only, the run starts from no labels (or the labels a subclass
+    loads), and ``label(indices, labels)`` takes the labels a person gave. Either way :meth:`label` moves items to
+    the labeled set with their labels, and :meth:`train_dataloader` iterates over the labeled items only. The
+    acquisition callback draws a random candidate pool with :meth:`sample_pool` and scores it through
+    :meth:`pool_dataloader`.
 
     The initial labeled set is drawn on the first :meth:`setup` with a dedicated ``torch.Generator`` seeded by
     ``seed``, so every DDP rank draws the same set and the global RNG is untouched.
@@ -101,7 +105,8 @@ class ActiveDataModule(pl.LightningDataModule):
             validation.
         num_classes: the number of classes; inferred as ``max(target) + 1`` when ``None`` (the attribute of the
             same name holds the value in use).
-        initial_labels: the size of the initial labeled set (round 0); at least 1, since round 0 trains on it.
+        initial_labels: the size of the initial labeled set (round 0) that the simulated oracle draws; at least
+            1, since round 0 trains on it. With ``oracle="human"`` it must be 0: people give the first labels.
         balanced: draw the initial set as ``initial_labels // num_classes`` items of every class (the SAAL
             protocol); otherwise draw it uniformly at random.
         batch_size: the training batch size.
@@ -109,6 +114,10 @@ class ActiveDataModule(pl.LightningDataModule):
         num_workers: worker processes for every loader.
         seed: seeds the initial draw and the training loader's shuffling; ``None`` takes the seed of
             ``seed_everything`` (0 without one).
+        oracle: ``"simulated"`` (labels are the training set's targets) or ``"human"`` (labels are given to
+            :meth:`label`; targets are never read).
+        classes: the class names, in label order (``num_classes`` is their count); people label with these
+            names. Defaults to ``"0"``, ``"1"``, ...
 
     Attributes:
         in_channels: the channel count of a CHW image input, inferred from the first training item; ``None``
@@ -148,15 +157,32 @@ class ActiveDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         seed: int | None = None,
+        oracle: Literal["simulated", "human"] = "simulated",
+        classes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if initial_labels == 0:
+        if oracle not in ("simulated", "human"):
+            raise ValueError(f"oracle must be 'simulated' or 'human', got {oracle!r}")
+        if classes is not None:
+            if len(classes) < 1 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in
+                                                                                  classes):
+                raise ValueError(f"classes must be distinct, non-empty names, got {classes!r}")
+            if num_classes is not None and num_classes != len(classes):
+                raise ValueError(f"num_classes={num_classes} but {len(classes)} classes are named")
+            num_classes = len(classes)
+        if oracle == "human":
+            if initial_labels != 0:
+                raise ValueError(f"initial_labels={initial_labels} with oracle='human': people give the labels, "
+                                 "so there is no initial draw; pass initial_labels=0")
+            if num_classes is None:
+                raise ValueError("oracle='human' needs num_classes or classes: the labels are not in the data")
+        elif initial_labels == 0:
             raise ValueError(
                 "initial_labels=0: round 0 trains the model on the initial labeled set, so it needs at least one "
                 "labeled item; start with a few per class (e.g. initial_labels=20 for 10 classes)"
             )
         for name, value, minimum in (
-            ("initial_labels", initial_labels, 1),
+            ("initial_labels", initial_labels, 0 if oracle == "human" else 1),
             ("batch_size", batch_size, 1),
             ("eval_batch_size", eval_batch_size, 1),
             ("num_workers", num_workers, 0),
@@ -177,7 +203,11 @@ class ActiveDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = resolve_seed(seed)
+        self.oracle = oracle
+        self.classes = classes
         self.labeled_round: torch.Tensor | None = None
+        # The label of every item, -1 where none is known: what training uses, whoever gave it.
+        self.labels: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
         self._attached: Dataset | None = None
         # (labeled count, first epoch trained on it): where the current round's epochs start counting.
@@ -207,6 +237,10 @@ class ActiveDataModule(pl.LightningDataModule):
         self._attach_datasets()
         if self.labeled_round is None:
             self.labeled_round = self._initial_split()
+            self.labels = torch.full_like(self.labeled_round, -1)
+            initial = self.labeled_indices
+            if initial.numel():
+                self.labels[initial] = self._train_targets()[initial]
         elif self.labeled_round.numel() != len(self.train_dataset):
             raise ValueError(
                 f"The restored split covers {self.labeled_round.numel()} items but the training set has "
@@ -226,16 +260,18 @@ class ActiveDataModule(pl.LightningDataModule):
                 f"pool_dataset has {len(self.pool_dataset)} items but train_dataset has {len(train)}: "
                 "the pool must hold the same items in the same order (without augmentation)"
             )
-        targets = self._train_targets()
-        if targets.numel() and targets.min() < 0:
-            raise ValueError(f"Targets must be class indices >= 0, found {int(targets.min())}")
-        if self.num_classes is None:
-            self.num_classes = int(targets.max()) + 1 if targets.numel() else 0
-            self._check_balanced_divisible()
-        elif targets.numel() and targets.max() >= self.num_classes:
-            raise ValueError(f"num_classes={self.num_classes} but the training set has target {int(targets.max())}")
+        if self.oracle == "simulated":
+            targets = self._train_targets()
+            if targets.numel() and targets.min() < 0:
+                raise ValueError(f"Targets must be class indices >= 0, found {int(targets.min())}")
+            if self.num_classes is None:
+                self.num_classes = int(targets.max()) + 1 if targets.numel() else 0
+                self._check_balanced_divisible()
+            elif targets.numel() and targets.max() >= self.num_classes:
+                raise ValueError(f"num_classes={self.num_classes} but the training set has target "
+                                 f"{int(targets.max())}")
         if self.in_channels is None and len(train):
-            first = train[0][0]
+            first = _input_of(train[0])
             if isinstance(first, torch.Tensor) and first.dim() == 3:
                 self.in_channels = int(first.shape[0])
         self._attached = train
@@ -254,12 +290,17 @@ class ActiveDataModule(pl.LightningDataModule):
         return self.train_dataset
 
     def _train_targets(self) -> torch.Tensor:
+        if self.oracle == "human":
+            raise RuntimeError(f"{type(self).__name__} has oracle='human': its targets are never read; label "
+                               "items with label(indices, labels)")
         if self._targets is None:
             self._targets = read_targets(self._require_train_dataset())
         return self._targets
 
     def _initial_split(self) -> torch.Tensor:
         """Draw the round-0 labeled set with a generator of its own, so the global RNG stream is untouched."""
+        if self.oracle == "human":
+            return torch.full((len(self._require_train_dataset()),), -1, dtype=torch.long)
         targets = self._train_targets()
         size = targets.numel()
         if self.initial_labels > size:
@@ -320,18 +361,26 @@ class ActiveDataModule(pl.LightningDataModule):
         size = len(self._require_train_dataset())
         return self._train_targets()[_as_index_tensor(indices, size, "targets()")]
 
-    def label(self, indices: Sequence[int] | torch.Tensor, round: int | None = None) -> None:
-        """Move unlabeled items to the labeled set, recording the round they were labeled in.
+    def label(
+        self,
+        indices: Sequence[int] | torch.Tensor,
+        labels: Sequence[int] | torch.Tensor | None = None,
+        round: int | None = None,
+    ) -> None:
+        """Move unlabeled items to the labeled set with their labels, recording the round they were labeled in.
 
         Every check runs before anything changes: a rejected request leaves the labeled set as it was.
 
         Args:
             indices: training-set indices of unlabeled items, a 1-D integer sequence without repeats.
+            labels: the class index a person gave each item, in the same order; ``None`` asks the simulated
+                oracle (the training set's targets of these items).
             round: the acquisition round to record; defaults to ``current_round + 1``.
 
         Raises:
             ValueError: for non-integer or non-1-D indices, an empty request, indices out of range, indices
-                that are already labeled or repeated within the request, or a negative round.
+                that are already labeled or repeated within the request, labels of another length or outside
+                ``[0, num_classes)``, no labels with ``oracle="human"``, or a negative round.
         """
         state = self._state()
         index = _as_index_tensor(indices, state.numel(), "label()")
@@ -345,6 +394,15 @@ class ActiveDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"label(): indices already labeled: {_listing(already)} (in rounds {_listing(state[already])})"
             )
+        if labels is None:
+            if self.oracle == "human":
+                raise ValueError("label(): this data module's labels come from people (oracle='human'): pass "
+                                 "label(indices, labels)")
+            given = self._train_targets()[index]
+        else:
+            given = _as_index_tensor(labels, self.num_classes or 0, "label() labels")
+            if given.numel() != index.numel():
+                raise ValueError(f"label(): {index.numel()} indices but {given.numel()} labels")
         if round is None:
             round = self.current_round + 1
         try:
@@ -355,6 +413,8 @@ class ActiveDataModule(pl.LightningDataModule):
         if not valid_round:
             raise ValueError(f"label(): round must be an int >= 0, got {round!r}")
         state[index] = operator.index(round)
+        assert self.labels is not None
+        self.labels[index] = given
 
     def sample_pool(self, size: int, generator: torch.Generator) -> torch.Tensor:
         """A uniformly random subset of the unlabeled indices, drawn with ``generator``, sorted ascending.
@@ -374,9 +434,19 @@ class ActiveDataModule(pl.LightningDataModule):
         chosen = torch.randperm(unlabeled.numel(), generator=generator)[:size]
         return unlabeled[chosen].sort().values
 
+    @property
+    def class_names(self) -> list[str]:
+        """The name of every class, in label order."""
+        return list(self.classes) if self.classes is not None else [str(c) for c in range(self.num_classes or 0)]
+
+    def item_names(self, indices: torch.Tensor) -> list[str]:
+        """How people find the items at ``indices`` (a file path for a folder of images; here the index)."""
+        return [str(int(i)) for i in indices]
+
     def summary(self) -> dict[str, Any]:
         """Counts for logs: ``num_labeled``, ``num_unlabeled``, ``current_round``, ``labeled_per_class``."""
-        labeled = self._train_targets()[self.labeled_indices]
+        assert self.labels is not None
+        labeled = self.labels[self.labeled_indices]
         return {
             "num_labeled": self.num_labeled,
             "num_unlabeled": self.num_unlabeled,
@@ -385,7 +455,13 @@ class ActiveDataModule(pl.LightningDataModule):
         }
 
     def fingerprint(self) -> str:
-        """A SHA-256 digest of the training set's targets: a resumed run checks it is the same data set."""
+        """A SHA-256 digest of the data set's identity: a resumed run checks it is the same data set.
+
+        The simulated oracle's targets; with people as the oracle (no targets), the items' names.
+        """
+        if self.oracle == "human":
+            names = self.item_names(torch.arange(len(self._require_train_dataset())))
+            return hashlib.sha256("\n".join(names).encode()).hexdigest()
         return hashlib.sha256(self._train_targets().numpy().tobytes()).hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
@@ -394,6 +470,7 @@ class ActiveDataModule(pl.LightningDataModule):
             return {}
         return {
             "labeled_round": self.labeled_round.clone(),
+            "labels": self.labels.clone() if self.labels is not None else None,
             "seed": self.seed,
             "dataset_size": self.labeled_round.numel(),
             "round_start": list(self._round_start) if self._round_start is not None else None,
@@ -429,6 +506,11 @@ class ActiveDataModule(pl.LightningDataModule):
             rank_zero_warn(f"Restoring the split of a run with seed={state_dict['seed']} into a data module with "
                            f"seed={self.seed}: the training order will differ from that run's")
         self.labeled_round = labeled_round.clone()
+        labels = state_dict.get("labels")
+        if labels is None:  # a checkpoint from before labels were stored: the simulated oracle's targets
+            labels = torch.full_like(labeled_round, -1)
+            labels[labeled_round >= 0] = self._train_targets()[labeled_round >= 0]
+        self.labels = torch.as_tensor(labels).clone()
         round_start = state_dict.get("round_start")
         self._round_start = (int(round_start[0]), int(round_start[1])) if round_start is not None else None
 
@@ -460,8 +542,9 @@ class ActiveDataModule(pl.LightningDataModule):
         """
         # The loader still gets its own generator, for the base seed that every iter() draws (worker seeds), so
         # that iterating never consumes the global RNG.
+        assert self.labels is not None
         return DataLoader(
-            self.train_dataset,
+            _WithLabels(self._require_train_dataset(), self.labels),
             batch_size=self.batch_size,
             sampler=_EpochShuffle(self, self.labeled_indices),
             drop_last=False,
@@ -501,7 +584,8 @@ class ActiveDataModule(pl.LightningDataModule):
         if self.pool_dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no pool dataset yet: call setup() first")
         index = _as_index_tensor(indices, len(self.pool_dataset), "pool_dataloader()")
-        return self._eval_loader(Subset(self.pool_dataset, index.tolist()))
+        assert self.labels is not None
+        return self._eval_loader(Subset(_WithLabels(self.pool_dataset, self.labels), index.tolist()))
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
@@ -523,3 +607,26 @@ class _EpochShuffle(Sampler[int]):
         datamodule = self._datamodule
         order = torch.randperm(len(self._labeled), generator=datamodule._generator(datamodule._epoch_in_round()))
         return iter(self._labeled[order].tolist())
+
+
+def _input_of(item: Any) -> Any:
+    """The input of a dataset item: the first element of an ``(input, target, ...)`` tuple, or the item itself."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class _WithLabels(Dataset):
+    """Items of ``dataset`` as ``(input, label)`` with the data module's labels (-1 where none is known yet).
+
+    Training then uses the labels that were given, whoever gave them, and a dataset of inputs only works too.
+    ``labels`` is the data module's own tensor (updated in place by ``label()``), not a copy.
+    """
+
+    def __init__(self, dataset: Dataset, labels: torch.Tensor) -> None:
+        self.dataset = dataset
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
+        return _input_of(self.dataset[index]), self.labels[index]

@@ -18,8 +18,8 @@ def round_summary_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
         table.add_row(
             str(row["round"]),
             str(row["num_labeled"]),
-            f"{100 * float(row['test_acc']):.2f}%",
-            f"{100 * float(row['best_test_acc']):.2f}%",
+            _percent(row["test_acc"]),
+            _percent(row["best_test_acc"]),
             f"{float(row['acquisition_seconds']):.2f}" if row["acquisition_seconds"] != "" else "-",
             f"{float(row['train_seconds']):.1f}",
         )
@@ -29,3 +29,8 @@ def round_summary_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
 def print_round_summary(rows: Sequence[Mapping[str, Any]], title: str, console: Console | None = None) -> None:
     """Print :func:`round_summary_table` to the console (stdout by default)."""
     (console or Console()).print(round_summary_table(rows, title))
+
+
+def _percent(value: object) -> str:
+    # No test set (a folder of images labeled by people may have none): no accuracy, not 0 %.
+    return "-" if value in ("", None) else f"{100 * float(value):.2f}%"

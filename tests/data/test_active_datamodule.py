@@ -306,7 +306,7 @@ def test_state_dict_round_trip_with_weights_only_load():
     dm = make_dm(seed=3)
     dm.label(dm.sample_pool(6, torch.Generator().manual_seed(0)))
     state = roundtrip(dm.state_dict())
-    assert set(state) == {"labeled_round", "seed", "dataset_size", "round_start"}
+    assert set(state) == {"labeled_round", "labels", "seed", "dataset_size", "round_start"}
     assert state["dataset_size"] == SIZE and state["seed"] == 3
 
     fresh = ActiveDataModule(index_dataset(), initial_labels=10, seed=3)

@@ -1,0 +1,1 @@
+"""Labels from people: query files, validated imports, Label Studio."""
