@@ -63,8 +63,8 @@ class SAALCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         seed_unset_seeds(config)
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            resolve_last_checkpoint(config)
+        if self.subcommand == "fit" and config.get("ckpt_path") is not None:
+            resolve_resumed_run(config)
 
 
 def total_epochs(num_rounds: int, epochs_per_round: int | None) -> int:
@@ -86,14 +86,16 @@ def seed_unset_seeds(config: Any) -> None:
         config.acquisition["seed"] = seed
 
 
-def resolve_last_checkpoint(config: Any) -> None:
-    """Point ``ckpt_path: last`` at the newest run of the config's logger and log into that run's folder.
+def resolve_resumed_run(config: Any) -> None:
+    """Log a resumed run into the folder of the run it resumes.
 
-    Only for a logger with ``save_dir`` and ``name`` (CSVLogger, TensorBoardLogger) and checkpoints in the default
-    ``<log_dir>/checkpoints``; anything else is left to Lightning's own lookup.
+    ``ckpt_path: last`` becomes the newest run's ``checkpoints/last.ckpt``; an explicit checkpoint inside a run's
+    ``version_N/checkpoints/`` logs into ``version_N``. Only for a logger with ``save_dir`` and ``name``
+    (CSVLogger, TensorBoardLogger) and checkpoints in the default ``<log_dir>/checkpoints``; anything else is left
+    to Lightning's own lookup.
 
     Raises:
-        CheckpointNotFoundError: when no ``version_*/checkpoints/last.ckpt`` exists for the logger.
+        CheckpointNotFoundError: when ``last`` finds no ``version_*/checkpoints/last.ckpt`` for the logger.
     """
     logger = config.get("trainer", {}).get("logger")
     init_args = getattr(logger, "init_args", None)
@@ -104,6 +106,11 @@ def resolve_last_checkpoint(config: Any) -> None:
         return
     base = Path(init_args.save_dir) / init_args.name
     version = init_args.get("version")
+    if config.ckpt_path != "last":
+        run = Path(config.ckpt_path).resolve().parent.parent
+        if version is None and run.parent == base.resolve() and re.fullmatch(r"version_\d+", run.name):
+            init_args["version"] = int(run.name.split("_")[1])
+        return
     if version is not None:
         runs = [base / (version if isinstance(version, str) else f"version_{version}")]
     else:

@@ -534,7 +534,10 @@ class AcquisitionCallback(Callback):
         assert query is not None and self._recorder is not None
         indices, paths, round_index = query["indices"], list(query["paths"]), int(query["round"])
         labeled = set(datamodule.labeled_indices.tolist())
-        if not any(int(i) in labeled for i in indices):  # not labeled through the Python API: read the file
+        answered = [int(i) for i in indices if int(i) in labeled]
+        if answered:  # labeled through the Python API, with label()'s default round: they are this query's round
+            datamodule.labeled_round[torch.tensor(answered)] = round_index
+        else:  # read the file
             source, answers = read_answers(self._queries_dir, round_index,
                                            dict(zip(indices.tolist(), paths, strict=True)), datamodule.class_names,
                                            partial=self.partial_labels)
@@ -565,6 +568,15 @@ class AcquisitionCallback(Callback):
               f"round_{round_index}.tasks.json in Label Studio and save its JSON export as "
               f"round_{round_index}.export.json there), then rerun the same command with --ckpt_path last.",
               flush=True)
+
+    @property
+    def pending_query(self) -> torch.Tensor | None:
+        """With people as the oracle: the indices of the items waiting for their labels (``None`` when none are).
+
+        In your own loop of fits, label them with ``datamodule.label(indices, labels)`` before the next fit; the
+        callback then records them (and appends them to ``labels.csv``) instead of reading the queries file.
+        """
+        return self._pending_query["indices"] if self._pending_query is not None else None
 
     @property
     def _queries_dir(self) -> Path:
