@@ -7,9 +7,9 @@
 Each run is ``saal fit --config configs/<data set>/<strategy>_<optimizer>.yaml --seed_everything <seed>`` (which
 seeds the training, the initial labeled set and the acquisition's pools), its records under ``--out``.
 ``saal_gradient`` is the published ``saal`` config (SAAL with diversity) with ``space: gradient``: the runner
-compares the authors' 1-D seeding on the scores with seeding in BADGE's gradient space weighted by the score. The table reports, like the paper, the
-mean and standard deviation over seeds of the best test accuracy over the rounds (``best_test_acc``), next to the
-final round's accuracy and the mean acquisition time per round (the paper's Figure 2).
+compares the authors' 1-D seeding on the scores with seeding in BADGE's gradient space weighted by the score.
+The table reports, like the paper, the mean and standard deviation over seeds of the best test accuracy over the
+rounds (``best_test_acc``), next to the final round's accuracy and the mean acquisition time per round (the paper's Figure 2).
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def test_answers_that_cannot_be_imported_are_refused_naming_file_row_and_problem
 def test_partial_answers_need_the_explicit_option(tmp_path: Path, example: Path, queried: Path) -> None:
     csv_path = queried / "queries" / "round_0.csv"
     fill(csv_path, answers(example), lambda rows: rows[:2] + [{**row, "label": ""} for row in rows[2:4]])
-    queried_items = {int(r["index"]): r["path"] for r in csv.DictReader(open(csv_path, newline=""))}
+    with open(csv_path, newline="") as handle:
+        queried_items = {int(r["index"]): r["path"] for r in csv.DictReader(handle)}
     with pytest.raises(LabelImportError, match="is empty"):
         read_answers(queried / "queries", 0, queried_items, make_image_folder.CLASS_NAMES)
     saal_fit(tmp_path, example, "--ckpt_path", "last", "--acquisition.partial_labels", "true")
