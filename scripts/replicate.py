@@ -9,7 +9,8 @@ seeds the training, the initial labeled set and the acquisition's pools), its re
 ``saal_gradient`` is the published ``saal`` config (SAAL with diversity) with ``space: gradient``: the runner
 compares the authors' 1-D seeding on the scores with seeding in BADGE's gradient space weighted by the score.
 The table reports, like the paper, the mean and standard deviation over seeds of the best test accuracy over the
-rounds (``best_test_acc``), next to the final round's accuracy and the mean acquisition time per round (the paper's Figure 2).
+rounds (``best_test_acc``), next to the final round's accuracy and the mean acquisition time per round (the
+paper's Figure 2).
 """
 
 from __future__ import annotations
