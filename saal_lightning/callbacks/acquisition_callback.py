@@ -48,12 +48,17 @@ from saal_lightning.callbacks.metric_watchers import (
     refuse_plateau_schedulers_without_reset,
     refuse_watchers_in_one_fit,
 )
+from saal_lightning.callbacks.people_oracle import (
+    asks_people,
+    import_answers,
+    instructions,
+    save_resumable_checkpoint,
+    write_query,
+)
 from saal_lightning.callbacks.pool_scoring import destroy_process_group_at_exit
 from saal_lightning.callbacks.resume_checks import ResumeMismatchError, data_description, refuse_if_different
 from saal_lightning.callbacks.training_health import NonFiniteLossCounter, batch_loss, check_finite_parameters
 from saal_lightning.experiment_seed import resolve_seed
-from saal_lightning.labeling.label_studio import local_files_url
-from saal_lightning.labeling.query_files import append_to_ledger, read_answers, write_queries
 from saal_lightning.reporting.progress import show_final_metrics
 from saal_lightning.reporting.round_recorder import RoundRecorder
 
@@ -224,7 +229,7 @@ class AcquisitionCallback(Callback):
             )
         if self.rounds_in_one_fit:
             self._setup_rounds_in_one_fit(trainer)
-            if _asks_people(datamodule) and trainer.checkpoint_callback is None:
+            if asks_people(datamodule) and trainer.checkpoint_callback is None:
                 raise MisconfigurationException(
                     "With people as the oracle the run stops after every query and resumes from its checkpoint: "
                     "add ModelCheckpoint(save_last=True, save_on_train_epoch_end=True, every_n_epochs=1)."
@@ -303,8 +308,8 @@ class AcquisitionCallback(Callback):
         self._data = data_description(datamodule)
         if self._pending_query is not None:
             self._import_answers(trainer, datamodule)
-        if datamodule.num_labeled == 0 and _asks_people(datamodule):
-            self._ask_without_a_model(trainer, pl_module, datamodule)
+        if datamodule.num_labeled == 0 and asks_people(datamodule):
+            self._ask_without_a_model(trainer, datamodule)
             return
         self._check_split_matches_history(datamodule)
         self._check_budget(datamodule)
@@ -464,7 +469,7 @@ class AcquisitionCallback(Callback):
                 pool_size = self._round_pool_size(datamodule)
                 selection, scores = choose_items(trainer, pl_module, datamodule, self.strategy, self.query_size,
                                                  pool_size, self.generator, round_index)
-                if _asks_people(datamodule):
+                if asks_people(datamodule):
                     self._ask_people(trainer, datamodule, round_index + 1, selection, scores,
                                      predicted_classes(pl_module, datamodule, selection))
                 else:
@@ -497,77 +502,33 @@ class AcquisitionCallback(Callback):
     def _ask_people(self, trainer: pl.Trainer, datamodule: Any, round_index: int, selection: torch.Tensor,
                     scores: torch.Tensor | None, predicted: torch.Tensor | None) -> None:
         """Write the query for round ``round_index``'s labels and stop the fit until people answer it."""
-        names = datamodule.item_names(selection)
-        classes = datamodule.class_names
-        rows = [{"index": int(index), "path": name,
-                 "pseudo_label": classes[int(predicted[n])] if predicted is not None else "",
-                 "score": round(float(scores[n]), 6) if scores is not None else ""}
-                for n, (index, name) in enumerate(zip(selection, names, strict=True))]
-        self._pending_query = {"round": round_index, "indices": selection.clone(), "paths": names}
-        if trainer.is_global_zero:
-            assert self._recorder is not None
-            image_files = ([datamodule.image_path(int(i)) for i in selection] if hasattr(datamodule, "image_path")
-                           else None)
-            write_queries(self._queries_dir, round_index, rows, classes, image_files, local_files_url)
+        self._pending_query = write_query(trainer, datamodule, self._queries_dir, round_index, selection, scores,
+                                          predicted)
         trainer.should_stop = True
         self._stopped_for_labels = True
 
-    def _ask_without_a_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> None:
+    def _ask_without_a_model(self, trainer: pl.Trainer, datamodule: Any) -> None:
         """No label at all: the first query is a random draw, and the fit stops before any training."""
         unlabeled = datamodule.unlabeled_indices
-        size = min(self.query_size, len(unlabeled))
         # Every rank draws the same positions from its identical generator.
-        selection = unlabeled[uniform_random(len(unlabeled), size, self.generator)]
+        selection = unlabeled[uniform_random(len(unlabeled), min(self.query_size, len(unlabeled)), self.generator)]
         self._ask_people(trainer, datamodule, 0, selection, None, None)
-        # No epoch will end to checkpoint this state: write the checkpoint that --ckpt_path last resumes.
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            path = str(Path(checkpoint.dirpath) / "last.ckpt")
-            # Recorded as the checkpoint callback's own "last", so that its next save replaces the file (and
-            # --ckpt_path last keeps finding the newest state) instead of writing last-v1.ckpt beside it.
-            checkpoint.last_model_path = path
-            trainer.save_checkpoint(path)
+        save_resumable_checkpoint(trainer)
 
     def _import_answers(self, trainer: pl.Trainer, datamodule: Any) -> None:
-        """Validate and label the pending query's answers; append them to the ledger; finish its round."""
-        query = self._pending_query
-        assert query is not None and self._recorder is not None
-        indices, paths, round_index = query["indices"], list(query["paths"]), int(query["round"])
-        labeled = set(datamodule.labeled_indices.tolist())
-        answered = [int(i) for i in indices if int(i) in labeled]
-        if answered:  # labeled through the Python API, with label()'s default round: they are this query's round
-            datamodule.labeled_round[torch.tensor(answered)] = round_index
-        else:  # read the file
-            source, answers = read_answers(self._queries_dir, round_index,
-                                           dict(zip(indices.tolist(), paths, strict=True)), datamodule.class_names,
-                                           partial=self.partial_labels)
-            if answers:
-                datamodule.label(torch.tensor(list(answers)), torch.tensor(list(answers.values())), round=round_index)
-            log.info("Imported %d labels from %s.", len(answers), source)
-        now_labeled = [(int(i), path) for i, path in zip(indices, paths, strict=True)
-                       if int(datamodule.labeled_round[int(i)]) >= 0]
+        """Import the pending query's answers and finish its round's record."""
+        assert self._pending_query is not None and self._recorder is not None
+        labeled = import_answers(trainer, datamodule, self._pending_query, self._queries_dir,
+                                 self._recorder.output_dir / "labels.csv", self.partial_labels)
         if self.history:
-            self.history[-1]["num_acquired"] = len(now_labeled)
+            self.history[-1]["num_acquired"] = labeled
         if trainer.is_global_zero:
-            classes = datamodule.class_names
-            entries = [(path, classes[int(datamodule.labels[index])], round_index) for index, path in now_labeled]
-            ledger = self._recorder.output_dir / "labels.csv"
-            added = append_to_ledger(ledger, entries)
-            if added < len(entries):
-                log.warning("%d of round %d's %d labels were already in %s: not added again.",
-                            len(entries) - added, round_index, len(entries), ledger)
             self._recorder.write(self.history, self._labeled_round(datamodule))
         self._pending_query = None
 
     def _tell_people_what_to_do(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero or self._pending_query is None:
-            return
-        round_index = self._pending_query["round"]
-        print(f"saal: {len(self._pending_query['indices'])} items to label for round {round_index}: fill the "
-              f"label column of {self._queries_dir / f'round_{round_index}.csv'} with class names (or label "
-              f"round_{round_index}.tasks.json in Label Studio and save its JSON export as "
-              f"round_{round_index}.export.json there), then rerun the same command with --ckpt_path last.",
-              flush=True)
+        if trainer.is_global_zero and self._pending_query is not None:
+            print(instructions(self._pending_query, self._queries_dir), flush=True)
 
     @property
     def pending_query(self) -> torch.Tensor | None:
@@ -636,10 +597,6 @@ class AcquisitionCallback(Callback):
         self._round_in_progress = bool(state_dict["round_in_progress"])
         self._pending_query = state_dict.get("pending_query")
         restore_global_rng(state_dict["global_rng"])
-
-
-def _asks_people(datamodule: Any) -> bool:
-    return getattr(datamodule, "oracle", "simulated") == "human"
 
 
 def _is_int(value: Any) -> bool:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from saal_lightning.reporting.atomic_file import atomic_write_bytes
 
 #: White space, in pixels, between the cell's edge and its thumbnail square (and its caption strip).
 CELL_PADDING = 4
@@ -117,7 +118,7 @@ def write_contact_sheet(
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     target = Path(path)
-    _write_bytes_atomic(target, buffer.getvalue())
+    atomic_write_bytes(target, buffer.getvalue())
     return target
 
 
@@ -192,30 +193,3 @@ def _drawable(text: str, draw: ImageDraw.ImageDraw, font: _Font) -> str:
     except UnicodeEncodeError:
         text = text.replace(ELLIPSIS, "...").encode("latin-1", "replace").decode("latin-1")
     return text
-
-
-def _write_bytes_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``target``, flush it to disk, then rename it over ``target``.
-
-    The file gets the mode an ordinary ``open(target, "wb")`` would give it (``0o666`` less the umask), not the
-    owner-only mode of a temporary file.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_current_umask())
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    # The umask can only be read by setting it; set it straight back.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
