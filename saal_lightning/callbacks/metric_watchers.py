@@ -62,13 +62,15 @@ class PerRoundWatchers:
     """One round per fit: restart ``EarlyStopping`` at every round; refuse a reused monitoring checkpoint."""
 
     def __init__(self) -> None:
-        # The state each EarlyStopping had when first seen (before it watched any round), by object identity.
-        self._fresh_states: dict[int, dict[str, Any]] = {}
+        # The state each EarlyStopping had when first seen (before it watched any round), by object identity. The
+        # object is kept too: a freed one's id could be reused by a new EarlyStopping, which would then get the
+        # old one's state (patience included).
+        self._fresh_states: dict[int, tuple[EarlyStopping, dict[str, Any]]] = {}
 
     def start_round(self, trainer: pl.Trainer, round_index: int) -> None:
         for callback in trainer.callbacks:
             if isinstance(callback, EarlyStopping):
-                fresh = self._fresh_states.setdefault(id(callback), deepcopy(callback.state_dict()))
+                _, fresh = self._fresh_states.setdefault(id(callback), (callback, deepcopy(callback.state_dict())))
                 callback.load_state_dict(deepcopy(fresh))
             elif isinstance(callback, ModelCheckpoint) and callback.monitor is not None and callback.best_k_models:
                 raise MisconfigurationException(

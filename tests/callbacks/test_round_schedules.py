@@ -135,6 +135,22 @@ def test_early_stopping_restarts_at_every_round_of_a_loop_of_fits(tmp_path: Path
     assert datamodule.num_labeled == 20 and len(acquisition.history) == 3
 
 
+def test_a_new_early_stopping_per_fit_keeps_its_own_settings() -> None:
+    from types import SimpleNamespace
+
+    from saal_lightning.callbacks.metric_watchers import PerRoundWatchers
+
+    watchers = PerRoundWatchers()
+    for round_index, patience in enumerate((1, 3, 5)):  # each fit's EarlyStopping is new; the last one is freed
+        early_stopping = EarlyStopping(monitor="train_loss", patience=patience)
+        trainer = SimpleNamespace(callbacks=[early_stopping])
+        watchers.start_round(trainer, round_index)
+        early_stopping.wait_count = 7  # it watched some epochs; the next round start resets that
+        watchers.start_round(trainer, round_index + 1)
+        assert early_stopping.patience == patience and early_stopping.wait_count == 0
+        del early_stopping, trainer
+
+
 def test_callbacks_comparing_rounds_inside_one_fit_are_refused_before_training(tmp_path: Path) -> None:
     for watcher, message in (
         (EarlyStopping(monitor="val_loss"), r"EarlyStopping\(monitor='val_loss'\) cannot be used .* one fit per "
