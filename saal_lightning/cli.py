@@ -14,9 +14,8 @@ checkpoint resumes it anywhere. What this module adds to LightningCLI:
 * ``seed_everything`` seeds the data module's and the acquisition callback's seeds when they are left unset, and
   the saved ``config.yaml`` shows the values in use.
 * A refused resume, answers that cannot be imported, a missing data set or a diverged training ends with one
-  line on stderr (exit status 2, or 1
-  for divergence) instead of a traceback; SIGTERM stops the run with exit status 143, resumable with
-  ``--ckpt_path last``.
+  line on stderr (exit status 2, or 1 for divergence) instead of a traceback; SIGTERM stops the run with exit
+  status 143, resumable with ``--ckpt_path last``.
 """
 
 from __future__ import annotations
@@ -108,24 +107,30 @@ def resolve_resumed_run(config: Any) -> None:
     version = init_args.get("version")
     if config.ckpt_path != "last":
         run = Path(config.ckpt_path).resolve().parent.parent
-        if version is None and run.parent == base.resolve() and re.fullmatch(r"version_\d+", run.name):
-            init_args["version"] = int(run.name.split("_")[1])
+        if version is None and run.parent == base.resolve() and _version_number(run) is not None:
+            init_args["version"] = _version_number(run)
         return
     if version is not None:
         runs = [base / (version if isinstance(version, str) else f"version_{version}")]
     else:
-        runs = sorted((path for path in base.glob("version_*") if re.fullmatch(r"version_\d+", path.name)),
-                      key=lambda path: int(path.name.split("_")[1]), reverse=True)
+        runs = sorted((path for path in base.glob("version_*") if _version_number(path) is not None),
+                      key=_version_number, reverse=True)
     for run in runs:
         checkpoint = run / "checkpoints" / "last.ckpt"
         if checkpoint.exists():
-            init_args["version"] = run.name if isinstance(version, str) else int(run.name.split("_")[1])
+            init_args["version"] = run.name if isinstance(version, str) else _version_number(run)
             config["ckpt_path"] = str(checkpoint)
             return
     raise CheckpointNotFoundError(
         f"--ckpt_path last: no run to resume, {base}/{'version_*' if version is None else runs[0].name}"
         "/checkpoints/last.ckpt does not exist. Start the run without --ckpt_path."
     )
+
+
+def _version_number(run: Path) -> int | None:
+    """``N`` for a logger's ``version_N`` folder, ``None`` for any other name."""
+    match = re.fullmatch(r"version_(\d+)", run.name)
+    return int(match.group(1)) if match else None
 
 
 class KeepConfigOnResume(SaveConfigCallback):
