@@ -9,8 +9,9 @@ The files are generated so that the protocol lives in one place (these tables) i
 2,000 unlabeled items per round (CIFAR-100: 10,000), 10 labels per round (CIFAR-100: 100), 100 rounds, CIFAR-style
 ResNet-18, 50 epochs per round, batch size 10 (CIFAR-100: 100); Adam lr 1e-3 restarted every round from the same
 initial weights with a fresh optimizer; SAM (SGD lr 1e-3, momentum 0.9, rho 0.05) warm-started; acquisition
-with the adaptive (ASAM) ball, rho 0.05. ``saal`` is the paper's published variant (``saal_diverse``, as the
-authors' README runs it); ``saal_topk`` keeps plain top-k SAAL.
+with the adaptive (ASAM) ball, rho 0.05. File names are strategy names: ``saal_diverse`` is the paper's published
+variant (SAAL with diversity, the authors' README command and the paper's Table-1 SAAL row); ``saal`` is plain
+top-k SAAL.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ NUM_ROUNDS, EPOCHS_PER_ROUND = 100, 50
 SAAL_OPTIONS = "{rho: 0.05, adaptive: true, mode: max}"
 STRATEGIES = {
     # file name: the YAML value of acquisition.strategy
-    "saal": f"\n    class_path: saal_lightning.acquisition.strategies.SAALDiverse\n    init_args: {SAAL_OPTIONS}",
-    "saal_topk": f"\n    class_path: saal_lightning.acquisition.strategies.SAAL\n    init_args: {SAAL_OPTIONS}",
+    "saal_diverse": f"\n    class_path: saal_lightning.acquisition.strategies.SAALDiverse\n    init_args: {SAAL_OPTIONS}",
+    "saal": f"\n    class_path: saal_lightning.acquisition.strategies.SAAL\n    init_args: {SAAL_OPTIONS}",
     "random": " random",
     "entropy": " entropy",
     "margin": " margin",

@@ -1,8 +1,10 @@
 """Named classifier backbones for small images (28 or 32 px, 1 or 3 channels).
 
 ``resnet18`` is the CIFAR-style ResNet-18 the SAAL authors use (3x3 stem, no max-pool), with an adaptive
-average pool so that 28 px Fashion-MNIST works as well as 32 px CIFAR. ``small_cnn`` is a two-block CNN
-for CPU-sized runs and tests. Every backbone's last module is the ``nn.Linear`` classifier head: strategies
+average pool so that 28 px Fashion-MNIST works as well as 32 px CIFAR. ``wide_cnn`` (about 420 k parameters)
+is the CPU stand-in for it in the ``cpu`` preset of ``scripts/replicate.py``: the widest model whose 31-round
+protocol fits two CPU cores in about two hours, chosen for capacity, not for any strategy's result.
+``small_cnn`` (about 40 k parameters) is for the quickstart and tests. Every backbone's last module is the ``nn.Linear`` classifier head: strategies
 that need penultimate features (coreset, BADGE) read the input of the last ``nn.Linear``.
 
 Example::
@@ -94,6 +96,36 @@ class SmallCNN(nn.Module):
         return self.head(F.relu(self.hidden(self.features(x))))
 
 
+class WideCNN(nn.Module):
+    """Two conv+BN+max-pool blocks and a wide hidden layer; ``width=32`` is about 420 k parameters.
+
+    conv ``width`` -> BN -> ReLU -> max-pool, conv ``2 * width`` -> BN -> ReLU -> max-pool, linear
+    ``2 * width * (size / 4)^2`` -> ``hidden`` -> classes. The flattened size depends on the image size, so the
+    first linear layer is built for ``image_size`` (28: Fashion-MNIST; 32: SVHN, CIFAR).
+    """
+
+    def __init__(
+        self, num_classes: int, in_channels: int, width: int = 32, hidden: int = 128, image_size: int = 28
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.hidden = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.hidden(self.features(x))))
+
+
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> SmallImageResNet:
     """CIFAR-style ResNet-18 (11.2 M parameters for 3-channel input and 10 classes)."""
     return SmallImageResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
@@ -104,7 +136,13 @@ def small_cnn(num_classes: int = 10, in_channels: int = 3) -> SmallCNN:
     return SmallCNN(num_classes=num_classes, in_channels=in_channels)
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "small_cnn": small_cnn}
+def wide_cnn(num_classes: int = 10, in_channels: int = 3) -> WideCNN:
+    """The ``cpu`` preset's model for 28 px images: two conv blocks (32, 64 channels), 128 hidden, about 420 k
+    parameters. For 32 px images or other widths use ``class_path: saal_lightning.models.backbones.WideCNN``."""
+    return WideCNN(num_classes=num_classes, in_channels=in_channels)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "small_cnn": small_cnn, "wide_cnn": wide_cnn}
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:

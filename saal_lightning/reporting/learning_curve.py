@@ -24,11 +24,7 @@ def plot_learning_curves(
         >>> rows = [{"num_labeled": 20, "test_acc": 0.4}, {"num_labeled": 30, "test_acc": 0.5}]
         >>> path = plot_learning_curves({"saal": rows}, tmp_path / "curve.png")  # doctest: +SKIP
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():
         points = [(int(r["num_labeled"]), float(r["test_acc"])) for r in rows
@@ -41,6 +37,82 @@ def plot_learning_curves(
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
+    return _save(figure, plt, output)
+
+
+def mean_learning_curve(runs: Sequence[Sequence[Mapping[str, object]]]) -> list[tuple[int, float, float, int]]:
+    """``(num_labeled, mean, std, seeds)`` of the test accuracy over runs, at every label count any run reached.
+
+    Example::
+
+        >>> mean_learning_curve([[{"num_labeled": 20, "test_acc": 0.4}], [{"num_labeled": 20, "test_acc": 0.6}]])
+        [(20, 0.5, 0.1, 2)]
+    """
+    by_count: dict[int, list[float]] = {}
+    for rows in runs:
+        for row in rows:
+            if row["test_acc"] not in ("", None):
+                by_count.setdefault(int(str(row["num_labeled"])), []).append(float(str(row["test_acc"])))
+    points = []
+    for count, values in sorted(by_count.items()):
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        points.append((count, round(mean, 12), round(std, 12), len(values)))
+    return points
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib's module
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_mean_learning_curves(
+    curves: Mapping[str, Sequence[Sequence[Mapping[str, object]]]], output: str | os.PathLike, title: str
+) -> Path:
+    """One line per name: the mean test accuracy over its runs (seeds), with a band of ± one standard deviation."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, runs in curves.items():
+        points = mean_learning_curve(runs)
+        if not points:
+            continue
+        counts, means, stds, _ = zip(*points, strict=True)
+        lower = [m - s for m, s in zip(means, stds, strict=True)]
+        upper = [m + s for m, s in zip(means, stds, strict=True)]
+        (line,) = axes.plot(counts, means, linewidth=1.5, label=f"{name} ({max(p[3] for p in points)} seeds)")
+        axes.fill_between(counts, lower, upper, color=line.get_color(), alpha=0.15, linewidth=0)
+    axes.set_xlabel("number of labeled items")
+    axes.set_ylabel("test accuracy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, plt, output)
+
+
+def plot_round_times(times: Mapping[str, tuple[float, float]], output: str | os.PathLike) -> Path:
+    """The paper's Figure 2: training and acquisition seconds per round for each name, log-scale bars."""
+    plt = _pyplot()
+    names = list(times)
+    figure, axes = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+    positions = range(len(names))
+    for offset, (label, column) in ((-0.2, ("training", 0)), (0.2, ("acquisition", 1))):
+        axes.bar([p + offset for p in positions], [max(times[n][column], 1e-3) for n in names], width=0.4,
+                 label=label)
+    axes.set_yscale("log")
+    axes.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("seconds per round (log scale)")
+    axes.set_title("Time per round")
+    axes.legend()
+    figure.tight_layout()
+    return _save(figure, plt, output)
+
+
+def _save(figure, plt, output: str | os.PathLike) -> Path:  # noqa: ANN001 - matplotlib's types
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)

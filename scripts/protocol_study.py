@@ -1,0 +1,128 @@
+"""Which protocol choices move SAAL with diversity against random sampling at CPU scale, one at a time.
+
+    .venv/bin/python scripts/protocol_study.py --jobs 2             # the cpu preset's table first, then the factors
+    .venv/bin/python scripts/protocol_study.py --summarize-only     # the comparison table from finished runs
+
+The baseline is ``scripts/replicate.py --preset cpu`` (wide_cnn, 30 rounds of 20 epochs, 2,000-item pools, the
+adaptive ball, ``mode: max``, weights restarted every round). Each factor changes one of these for
+``saal_diverse`` and, where the change affects random sampling too, for ``random``; the runs share the preset's
+folders and seeds, so a factor's rows are compared with the baseline's on the same initial sets. Runs are planned
+in priority order (the preset, model capacity, then the other factors) and resumable like the runner's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import replicate  # noqa: E402  (scripts/replicate.py)
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from saal_lightning.reporting import read_rounds_csv  # noqa: E402
+
+
+def _wide_cnn(width: int) -> list[str]:
+    return ["--model.backbone", json.dumps({"class_path": "saal_lightning.models.backbones.WideCNN",
+                                            "init_args": {"num_classes": 10, "in_channels": 1, "width": width}})]
+
+
+# tag: (what it changes, strategies it runs, arguments after the preset's), in the order they are run.
+FACTORS: dict[str, tuple[str, tuple[str, ...], list[str]]] = {
+    "small_cnn": ("model: small_cnn, 40 k parameters", ("random", "saal_diverse"), ["--model.backbone", "small_cnn"]),
+    "width8": ("model: WideCNN width 8, 100 k parameters", ("random", "saal_diverse"), _wide_cnn(8)),
+    "paper_ball": ("ball: the paper's rho g/||g|| instead of the adaptive one", ("saal_diverse",),
+                   ["--acquisition.strategy.init_args.adaptive", "false"]),
+    "mode_diff": ("score: mode diff (perturbed minus clean loss) instead of max", ("saal_diverse",),
+                  ["--acquisition.strategy.init_args.mode", "diff"]),
+    "warm_start": ("training: weights carried over between rounds (no restart)", ("random", "saal_diverse"),
+                   ["--acquisition.reset_weights", "false"]),
+    "epochs10": ("training: 10 epochs per round instead of 20", ("random", "saal_diverse"),
+                 ["--acquisition.epochs_per_round", "10"]),
+    "pool500": ("pool: 500 items per round instead of 2,000", ("saal_diverse",), ["--acquisition.pool_size", "500"]),
+}
+BASELINE = ("model: wide_cnn, 420 k parameters (the cpu preset)", ("random", "saal_diverse"), [])
+
+
+def plan(out: Path, seeds: Sequence[int], factor_seeds: Sequence[int]) -> list[replicate.Run]:
+    """The preset's runs, then each factor's, in priority order."""
+    preset = replicate.PRESETS["cpu"]
+    overrides: list[str] = list(preset["overrides"])  # type: ignore[call-overload]
+    runs = [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, overrides)
+            for strategy in preset["strategies"] for seed in seeds]  # type: ignore[attr-defined]
+    for tag, (_, strategies, arguments) in FACTORS.items():
+        chosen = seeds if tag in ("small_cnn", "width8") else factor_seeds  # capacity first, with all seeds
+        runs += [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, [*overrides, *arguments], tag)
+                 for strategy in strategies for seed in chosen]
+    return runs
+
+
+def _best_and_final(folder: Path, seed: int) -> tuple[float, float] | None:
+    path = folder / f"seed{seed}" / "rounds.csv"
+    if not (folder / f"seed{seed}" / replicate.RECORD).exists():
+        return None  # unfinished: not compared
+    rows = read_rounds_csv(path)
+    return 100 * max(float(r["best_test_acc"]) for r in rows), 100 * float(rows[-1]["test_acc"])
+
+
+def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
+    """Per factor: SAAL-with-diversity and random (the factor's, or the baseline's), mean over finished seeds."""
+    base = out / "fashion_mnist"
+    rows = []
+    for tag, (change, strategies, _) in {"": BASELINE, **FACTORS}.items():
+        suffix = f"_{tag}" if tag else ""
+        random_folder = base / f"random_adam{suffix if 'random' in strategies else ''}"
+        saal_folder = base / f"saal_diverse_adam{suffix}"
+        pairs = [(s, _best_and_final(saal_folder, s), _best_and_final(random_folder, s)) for s in seeds]
+        done = [(saal, rand) for _, saal, rand in pairs if saal is not None and rand is not None]
+        if not done:
+            continue
+        row: dict[str, object] = {"factor": tag or "baseline", "change": change, "seeds": len(done)}
+        for position, measure in enumerate(("best", "final")):
+            saal_values = [saal[position] for saal, _ in done]
+            gaps = [saal[position] - rand[position] for saal, rand in done]
+            row[f"saal_{measure}"] = statistics.mean(saal_values)
+            row[f"random_{measure}"] = statistics.mean(rand[position] for _, rand in done)
+            row[f"gap_{measure}"] = statistics.mean(gaps)
+            row[f"gap_{measure}_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def print_comparison(rows: list[dict[str, object]]) -> None:
+    table = Table(title="SAAL with diversity minus random, accuracy points (mean ± std of the per-seed gap)")
+    for column in ("factor", "change", "seeds", "saal best", "random best", "gap best", "saal final",
+                   "random final", "gap final"):
+        table.add_column(column, justify="left" if column in ("factor", "change") else "right")
+    for row in rows:
+        table.add_row(str(row["factor"]), str(row["change"]), str(row["seeds"]),
+                      *(f"{row[k]:.1f}" for k in ("saal_best", "random_best")),
+                      f"{row['gap_best']:+.1f} ± {row['gap_best_std']:.1f}",
+                      *(f"{row[k]:.1f}" for k in ("saal_final", "random_final")),
+                      f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f}")
+    Console(width=200).print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/replicate_cpu"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[123, 456, 789])
+    parser.add_argument("--factor-seeds", nargs="+", type=int, default=[123, 456, 789],
+                        help="seeds of the factors after model capacity")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--summarize-only", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    code = 0 if args.summarize_only else replicate.execute_all(plan(out, args.seeds, args.factor_seeds), args.jobs)
+    replicate.print_summary(replicate.summarize(out, "fashion_mnist"), "fashion_mnist", out)
+    print_comparison(compare(out, args.seeds))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
