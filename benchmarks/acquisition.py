@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/acquisition.py            # full run (~7 min on 2 CPU cores)
     .venv/bin/python benchmarks/acquisition.py --quick    # smaller pools, no memory column (~1 min)
 
-For each model (``small_cnn`` and the CIFAR-style ``resnet18``, both on 28x28 one-channel images) the script first
-trains the model briefly on Fashion-MNIST (synthetic data if the files are missing), so that BatchNorm has real
-running statistics and the rankings mean something. Then, for both balls (plain = paper, adaptive = authors' code),
-it times side by side in this one process, with a warm-up call and the median of several repeats:
+For each model (``small_cnn`` and the CIFAR-style ``resnet18``, both on 28x28 one-channel images, and ``bert_like``,
+a two-layer BERT-style text encoder on padded 32-token sequences) the script first
+trains the model briefly (Fashion-MNIST, synthetic images if the files are missing; for the text model a synthetic
+keyword task, ``benchmarks/bert_like.py``), so that BatchNorm has real running statistics and the rankings mean
+something. Then, for both balls (plain = paper, adaptive = authors' code), it times side by side in this one
+process, with a warm-up call and the median of several repeats:
 
 * ``loop``: the one-item-at-a-time reference (``benchmarks/reference_loop.py``), once with oneDNN on and once
   off (oneDNN's batch-1 path is slow on some CPUs); speed-ups are against the faster of the two;
@@ -49,6 +51,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bert_like import BertLikeConfig, BertLikeForSequenceClassification, keyword_task  # noqa: E402
 from benchmarks.reference_loop import reference_saal_scores  # noqa: E402
 from saal_lightning.acquisition.saal_score import saal_scores  # noqa: E402
 from saal_lightning.models.backbones import build_backbone  # noqa: E402
@@ -61,11 +64,18 @@ warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 FULL = {
     "small_cnn": {"train": 10000, "epochs": 2, "pool": 2000, "loop": 200, "repeats": 3},
     "resnet18": {"train": 3000, "epochs": 1, "pool": 256, "loop": 32, "repeats": 3},
+    "bert_like": {"train": 10000, "epochs": 2, "pool": 1000, "loop": 100, "repeats": 3},
 }
 QUICK = {
     "small_cnn": {"train": 2000, "epochs": 1, "pool": 512, "loop": 64, "repeats": 3},
     "resnet18": {"train": 512, "epochs": 1, "pool": 64, "loop": 8, "repeats": 2},
+    "bert_like": {"train": 2000, "epochs": 2, "pool": 256, "loop": 32, "repeats": 3},
 }
+# The text model: a tiny BERT (2 layers, 4 heads, width 64, 1,000-token vocabulary) on sequences of 32 tokens.
+TEXT_CONFIG = BertLikeConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=256, max_position_embeddings=64, num_labels=4)
+TEXT_LENGTH = 32
+TEXT_MODELS = ("bert_like",)
 APPROXIMATIONS = ("first_order", "last_layer")
 EXACT = ("hooks", "vmap")
 TOP_K = {"top10": lambda n: min(10, n), "top10%": lambda n: max(1, round(n / 10))}
@@ -86,6 +96,19 @@ def load_fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         return images, labels, "synthetic"
     images = images.view(-1, 1, 28, 28).float().div(255)
     return (images - 0.2860) / 0.3530, labels, "fashion-mnist"
+
+
+def build_model(name: str) -> nn.Module:
+    if name in TEXT_MODELS:
+        return BertLikeForSequenceClassification(TEXT_CONFIG)
+    return build_backbone(name, num_classes=10, in_channels=1)
+
+
+def text_data(train_items: int, pool_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(training ids, labels, pool ids, pool labels) of the synthetic keyword task, seeded."""
+    ids, labels = keyword_task(train_items, TEXT_LENGTH, TEXT_CONFIG, torch.Generator().manual_seed(0))
+    pool, pool_labels = keyword_task(pool_items, TEXT_LENGTH, TEXT_CONFIG, torch.Generator().manual_seed(1))
+    return ids, labels, pool, pool_labels
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, device: torch.device) -> None:
@@ -180,7 +203,7 @@ def _memory_probe(spec_path: str) -> None:
     """Child process: load model and pool, run one method once, print the peak memory increase in bytes."""
     spec = json.loads(Path(spec_path).read_text())
     device = torch.device(spec["device"])
-    model = build_backbone(spec["model"], num_classes=10, in_channels=1).to(device)
+    model = build_model(spec["model"]).to(device)
     model.load_state_dict(torch.load(spec["state"], map_location=device))
     model.eval()
     pool = torch.load(spec["pool"], map_location=device)
@@ -224,13 +247,17 @@ def measure_memory(spec: dict, workdir: Path) -> float:
 
 def benchmark_model(name: str, config: dict, data: tuple, device: torch.device, memory: bool,
                     workdir: Path) -> list[dict]:
-    images, labels, test_images = data
+    images, labels, test_images, test_labels = text_data(config["train"], config["pool"]) if name in TEXT_MODELS \
+        else data
     torch.manual_seed(0)
-    model = build_backbone(name, num_classes=10, in_channels=1).to(device)
+    model = build_model(name).to(device)
     start = time.perf_counter()
     train(model, images[: config["train"]], labels[: config["train"]], config["epochs"], device)
+    with torch.no_grad():
+        held_out = test_images[:512].to(device)
+        accuracy = (model(held_out).argmax(1).cpu() == test_labels[: len(held_out)]).float().mean().item()
     print(f"# {name}: trained on {config['train']} items x {config['epochs']} epoch(s) in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+          f"{time.perf_counter() - start:.0f} s, held-out accuracy {accuracy:.1%}", flush=True)
     pool = test_images[: config["pool"]].to(device)
     loop_items = pool[: config["loop"]]
     if memory:
@@ -319,14 +346,14 @@ def main() -> None:
     memory = not args.quick if args.memory is None else args.memory
     configs = QUICK if args.quick else FULL
     images, labels, source = load_fashion_mnist("train")
-    test_images, _, _ = load_fashion_mnist("t10k")
+    test_images, test_labels, _ = load_fashion_mnist("t10k")
     started = datetime.now(timezone.utc)
     print(f"# {started:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{cpu_name()}, device {device}, data: {source}, float32")
+          f"{cpu_name()}, device {device}, data: {source} (text: synthetic keyword task), float32")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models:
-            rows += benchmark_model(name, configs[name], (images, labels, test_images), device, memory,
+            rows += benchmark_model(name, configs[name], (images, labels, test_images, test_labels), device, memory,
                                     Path(workdir))
     print()
     print_table(rows, memory)

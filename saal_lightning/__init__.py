@@ -17,8 +17,13 @@ from saal_lightning.callbacks.acquisition_callback import AcquisitionCallback
 from saal_lightning.data.active_datamodule import ActiveDataModule
 from saal_lightning.data.image_folder import ImageFolderActiveDataModule
 from saal_lightning.data.vision_datasets import VisionActiveDataModule
+from saal_lightning.lightning_noise import quiet_lightning_noise
 from saal_lightning.models.classifier import ActiveClassifier
 from saal_lightning.optim.sam import SAM
+
+# Lightning's LeafSpec deprecation notice and its cloud advertisements, narrowly (see lightning_noise.py): a
+# drop-in user sees the same clean output as the `saal` command.
+quiet_lightning_noise()
 
 __all__ = [
     "AcquisitionCallback",

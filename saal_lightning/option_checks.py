@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Collection
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 
@@ -41,3 +43,21 @@ def check_choice(name: str, value: Any, choices: Collection[str]) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_float(name: str, value: Any, minimum: float | None = None, strict: bool = False) -> Any:
+    """Return ``value`` if it is a finite number ``>= minimum`` (``>`` when ``strict``), else raise ``ValueError``.
+
+    An integer is a number here (``lr: 1``); a ``bool``, ``nan`` or ``inf`` is not.
+    """
+    if (not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value)
+            or (minimum is not None and (value <= minimum if strict else value < minimum))):
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def did_you_mean(value: Any, choices: Collection[str]) -> str:
+    """`` (did you mean 'entropy'?)`` for the closest of ``choices`` to a mistyped ``value``, or ``""``."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1) if isinstance(value, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -55,10 +55,17 @@ def plan(out: Path, seeds: Sequence[int], factor_seeds: Sequence[int]) -> list[r
     overrides: list[str] = list(preset["overrides"])  # type: ignore[call-overload]
     runs = [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, overrides)
             for strategy in preset["strategies"] for seed in seeds]  # type: ignore[attr-defined]
-    for tag, (_, strategies, arguments) in FACTORS.items():
-        chosen = seeds if tag in ("small_cnn", "width8") else factor_seeds  # capacity first, with all seeds
-        runs += [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, [*overrides, *arguments], tag)
-                 for strategy in strategies for seed in chosen]
+    # The smallest model first, with every seed; then the scoring factors (cheap to test, closest to the paper's
+    # claim) and the middle width; then the training factors; every factor on two seeds before any gets its
+    # third, so that an interrupted study has compared as many factors as possible.
+    batches = [(["small_cnn"], seeds), (["paper_ball", "mode_diff"], factor_seeds[:2]), (["width8"], seeds),
+               (["warm_start", "epochs10", "pool500"], factor_seeds[:2]),
+               (["paper_ball", "mode_diff", "warm_start", "epochs10", "pool500"], factor_seeds[2:])]
+    for tags, chosen in batches:
+        for tag in tags:
+            _, strategies, arguments = FACTORS[tag]
+            runs += [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, [*overrides, *arguments], tag)
+                     for strategy in strategies for seed in chosen]
     return runs
 
 

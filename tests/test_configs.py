@@ -34,7 +34,7 @@ def test_config_parses_and_validates(config: Path, capsys: pytest.CaptureFixture
 
 
 def test_paper_protocol_values() -> None:
-    adam = yaml.safe_load((REPO / "configs" / "fashion_mnist" / "saal_adam.yaml").read_text())
+    adam = yaml.safe_load((REPO / "configs" / "fashion_mnist" / "saal_diverse_adam.yaml").read_text())
     assert adam["model"] == {"backbone": "resnet18", "optimizer": "adam", "lr": 0.001}
     assert adam["data"]["init_args"]["initial_labels"] == 20 and adam["data"]["init_args"]["batch_size"] == 10
     acquisition = adam["acquisition"]
@@ -42,11 +42,26 @@ def test_paper_protocol_values() -> None:
             acquisition["epochs_per_round"], acquisition["reset_weights"]) == (10, 2000, 100, 50, True)
     assert acquisition["strategy"]["class_path"].endswith("SAALDiverse")
     assert acquisition["strategy"]["init_args"]["adaptive"] is True
-    sam = yaml.safe_load((REPO / "configs" / "cifar100" / "saal_sam.yaml").read_text())
+    sam = yaml.safe_load((REPO / "configs" / "cifar100" / "saal_diverse_sam.yaml").read_text())
     assert sam["model"]["optimizer"] == "sam" and sam["model"]["momentum"] == 0.9 and sam["model"]["rho"] == 0.05
     assert sam["acquisition"]["reset_weights"] is False
     assert (sam["acquisition"]["query_size"], sam["acquisition"]["pool_size"]) == (100, 10000)
     assert sam["data"]["init_args"]["initial_labels"] == 1000
+
+
+def test_config_file_names_are_strategy_names() -> None:
+    """`saal` is top-k SAAL everywhere (strategy registry, config files, tables); `saal_diverse` adds diversity."""
+    from saal_lightning.acquisition.strategies import STRATEGIES
+
+    generated = [config for config in CONFIGS if config.parent != REPO / "configs"]
+    assert len(generated) == 80
+    for config in generated:
+        strategy = yaml.safe_load(config.read_text())["acquisition"]["strategy"]
+        name = config.stem.rsplit("_", 1)[0]
+        if isinstance(strategy, str):
+            assert strategy == name
+        else:
+            assert STRATEGIES[name].__name__ == strategy["class_path"].rsplit(".", 1)[1]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -1,5 +1,8 @@
-"""Acquisition: the SAAL score (a pure function), selection rules and the pluggable strategies."""
+"""Acquisition: the functional layer (pure scores and embeddings), selection rules and the pluggable strategies."""
 
-from saal_lightning.acquisition.saal_score import saal_scores
+# Enter through the functional layer, not saal_score: the functional layer re-exports saal_score, whose last-layer
+# engine imports the functional layer's head finder; entered through saal_score, that import would find
+# saal_score half-built.
+from saal_lightning.acquisition.functional import saal_scores
 
 __all__ = ["saal_scores"]

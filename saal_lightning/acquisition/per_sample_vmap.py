@@ -5,6 +5,10 @@ modules). It materialises every sample's full gradient and its perturbed copy of
 parameter per sample in float32), and runs the perturbed forward with per-sample weights, which PyTorch lowers to
 grouped convolutions. The hook engine (:mod:`saal_lightning.acquisition.per_sample_hooks`) avoids both for the
 layers it knows; this one is its fallback.
+
+The model is never written to: ``functional_call`` swaps the given tensors into the modules' parameter and buffer
+dicts and swaps the originals back in a ``finally`` block, and the per-sample gradients are new tensors (turned into
+perturbed weights in place), never the parameters' storage or ``.grad``.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ from saal_lightning.acquisition.scoring_common import (
 
 def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Trainable parameters (what gets perturbed) and everything else the forward reads (frozen params, buffers)."""
-    trainable, fixed = {}, {}
+    trainable: dict[str, torch.Tensor] = {}
+    fixed: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         (trainable if p.requires_grad else fixed)[name] = p.detach()
     fixed.update({name: b for name, b in model.named_buffers()})
     return trainable, fixed
 
 
-def _per_sample_loss(model: nn.Module, fixed: dict[str, torch.Tensor]) -> Callable[..., tuple]:
+_Loss = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # (loss, (loss, pseudo label)): grad's has_aux form
+
+
+def _per_sample_loss(model: nn.Module, fixed: dict[str, torch.Tensor]) -> Callable[..., _Loss]:
     """``loss(params, x_i, y_i)`` for one item; ``y_i=None`` takes the item's own argmax as its pseudo label."""
 
-    def loss(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor | None = None) -> tuple:
+    def loss(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor | None = None) -> _Loss:
         logits = functional_call(model, (params, fixed), (xi.unsqueeze(0),))
         check_logits(logits, xi.unsqueeze(0))
         pseudo = logits.argmax(dim=1) if yi is None else yi.unsqueeze(0)

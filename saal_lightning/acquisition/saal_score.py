@@ -9,17 +9,21 @@ with respect to all trainable parameters *of that one item*:
 
 and the score is CE(f_{theta+eps_i}(x_i), yhat_i) (``mode="max"``) or that minus the clean loss (``mode="diff"``).
 The model is scored in eval mode (BatchNorm uses its running statistics, so items do not interact) and is left
-exactly as it was: training flags, parameters, buffers and ``.grad`` are untouched. (During the call the hook
-engine swaps layers' ``forward`` temporarily, so do not use the same model from another thread meanwhile.)
+exactly as it was, also when the call raises (a layer failing, a kernel running out of memory, Ctrl-C): training
+flags, modules and their attributes, parameters, buffers, ``.grad``, ``requires_grad`` and hooks are as before.
+(During the call the hook engine swaps layers' ``forward`` temporarily, so do not use the same model from another
+thread meanwhile.)
 
 Methods (``method=``):
 
 * ``"hooks"`` (exact, fast): one batched forward and backward records each layer's inputs A_i and output
-  gradients B_i; the per-sample gradient of a layer is B_i^T A_i. Fast layers: ``nn.Linear``, ``nn.Conv2d``
-  (``groups=1``, zero padding given as numbers), BatchNorm (1d/2d/3d, eval mode with running statistics),
-  ``nn.LayerNorm`` and ``nn.GroupNorm``, each without parametrizations, shared parameters or an overridden
-  ``forward``; any module without trainable parameters (activations, pooling, dropout, flatten, containers) may
-  sit between them. Plain ball: each layer
+  gradients B_i; the per-sample gradient of a layer is B_i^T A_i. Fast layers: ``nn.Linear`` (on [batch, features]
+  or [batch, tokens, features]), ``nn.Conv2d`` (``groups=1``, zero padding given as numbers), ``nn.Embedding``
+  (with ``padding_idx``; not ``max_norm`` or ``scale_grad_by_freq``), BatchNorm (1d/2d/3d, eval mode with running
+  statistics), ``nn.LayerNorm`` and ``nn.GroupNorm``, each without parametrizations, shared parameters or an
+  overridden ``forward``; any module without trainable parameters (activations, pooling, dropout, flatten,
+  attention as matmul + softmax, containers) may sit between them, so a BERT-style encoder takes this path.
+  Plain ball: each layer
   either takes its per-sample gradient norm as a "ghost norm" <A_i A_i^T, B_i B_i^T> and perturbs its output by
   the low-rank term c_i B_i^T (A_i a'_i), or materialises its per-sample gradient where that is cheaper (many
   positions T, e.g. a ResNet's first stages). Adaptive ball: w^2 * g has no low-rank form, so conv layers
@@ -31,7 +35,9 @@ Methods (``method=``):
   :mod:`saal_lightning.acquisition.per_sample_hooks`.
 * ``"vmap"`` (exact, any model): ``torch.func`` per-sample gradients and per-sample weights; about 8 bytes per
   parameter per item, and grouped convolutions in the perturbed forward.
-* ``"auto"`` (default): ``"hooks"`` when the model qualifies, else ``"vmap"``.
+* ``"auto"`` (default): ``"hooks"`` when the model qualifies, else ``"vmap"`` with a warning that says what the
+  fallback was measured to cost; also ``"vmap"`` when the hook engine finds while running the model that it cannot
+  take per-item gradients from it (a layer input not batched along dim 0, or changed in place).
 * ``"first_order"`` (APPROXIMATION): loss + rho * ||g|| (adaptive: loss + rho * || |w| * g ||), the first-order
   Taylor value of the perturbed loss; no perturbed forward.
 * ``"last_layer"`` (APPROXIMATION): only the last ``nn.Linear`` (the classifier head, whose output must be the
@@ -53,11 +59,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import nn
 
 from saal_lightning.acquisition.per_sample_hooks import (
+    HooksUnsupported,
     Scratch,
     hooks_bytes_per_sample,
     hooks_losses,
@@ -66,10 +74,18 @@ from saal_lightning.acquisition.per_sample_hooks import (
 )
 from saal_lightning.acquisition.per_sample_vmap import vmap_bytes_per_sample, vmap_losses, vmap_norms
 from saal_lightning.acquisition.scoring_approximations import last_layer_bytes_per_sample, last_layer_losses
+from saal_lightning.option_checks import check_choice, check_int
 
-EXACT_METHODS = ("auto", "hooks", "vmap")
-APPROXIMATE_METHODS = ("first_order", "last_layer")
-MODES = ("max", "diff")
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+ExactMethod = Literal["auto", "hooks", "vmap"]
+ApproximateMethod = Literal["first_order", "last_layer"]
+Method = Literal[ExactMethod, ApproximateMethod]
+Mode = Literal["max", "diff"]
+EXACT_METHODS: tuple[str, ...] = get_args(ExactMethod)
+APPROXIMATE_METHODS: tuple[str, ...] = get_args(ApproximateMethod)
+MODES: tuple[str, ...] = get_args(Mode)
 # Working-memory budget when neither chunk_size nor max_memory is given. Measured on CPU: ResNet-18 on 2,000
 # CIFAR-sized items (3x32x32) raised the peak RSS by 0.85 GiB (plain ball) and 0.9 GiB (adaptive), well inside
 # the ~4 GiB the project allows; bigger chunks did not score faster.
@@ -80,20 +96,46 @@ DEFAULT_MAX_MEMORY = 1 << 30
 MAX_DERIVED_CHUNK = 256
 
 LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+NormFn = Callable[[nn.Module, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+MemoryFn = Callable[..., int]  # (model, probe, adaptive=...) -> bytes per item
+
+# What the fallback costs, measured with benchmarks/acquisition.py on the 2-core CPU VM in float32 (time per item of
+# method="vmap" over method="hooks"): ResNet-18, 256 items (README table, 2026-11-25): 52.6 / 14.4 ms (plain ball) and
+# 63.5 / 28.5 ms (adaptive), where the fallback ran at 0.79x the speed of the one-item-at-a-time loop; the BERT-style
+# encoder of benchmarks/bert_like.py, --quick (2026-12-01): see FALLBACK_MEASURED.
+FALLBACK_MEASURED = ("measured 2.2-3.7x the hook engine's time on ResNet-18 (slower than scoring one item at a time "
+                     "there) and 1.6-2.0x on a BERT-style encoder, on CPU (benchmarks/acquisition.py)")
 
 
 @dataclass(frozen=True)
 class _Engine:
-    """``losses(model, x) -> (clean, perturbed)`` for one chunk, and its working memory per item."""
+    """``losses(model, x) -> (clean, perturbed)`` for one chunk, its working memory per item, and the engine to
+    switch to when this one finds at run time that it cannot score the model (``None``: raise)."""
 
     losses: LossFn
     bytes_per_sample: Callable[[nn.Module, torch.Tensor], int]
+    fallback: Callable[[], _Engine] | None = None
 
 
-def _first_order(norms: Callable, model: nn.Module, x: torch.Tensor, rho: float,
+def _first_order(norms: NormFn, model: nn.Module, x: torch.Tensor, rho: float,
                  adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
     clean, norm = norms(model, x, adaptive)
     return clean, clean + rho * norm
+
+
+def _warn_fallback(reason: str, stacklevel: int) -> None:
+    # Once per distinct message (Python's default warning filter).
+    warnings.warn(f"saal_scores: the fast hook engine cannot score this model ({reason}), so it uses the torch.func "
+                  f"(vmap) engine: exact, but {FALLBACK_MEASURED}. Known layers: nn.Linear, nn.Conv2d, nn.Embedding, "
+                  "BatchNorm, nn.LayerNorm, nn.GroupNorm.", stacklevel=stacklevel + 1)
+
+
+def _engine(method: str, norms: NormFn, losses: Callable[..., tuple[torch.Tensor, torch.Tensor]], memory: MemoryFn,
+            rho: float, adaptive: bool, fallback: Callable[[], _Engine] | None = None) -> _Engine:
+    if method == "first_order":
+        return _Engine(partial(_first_order, norms, rho=rho, adaptive=adaptive), partial(memory, adaptive=adaptive),
+                       fallback)
+    return _Engine(partial(losses, rho=rho, adaptive=adaptive), partial(memory, adaptive=adaptive), fallback)
 
 
 def _select_engine(method: str, model: nn.Module, rho: float, adaptive: bool) -> _Engine:
@@ -103,21 +145,14 @@ def _select_engine(method: str, model: nn.Module, rho: float, adaptive: bool) ->
     if method == "hooks" and problems:
         raise ValueError("method='hooks' cannot score this model: " + "; ".join(problems)
                          + ". Use method='vmap' (or 'auto', which falls back to it).")
+    vmap = partial(_engine, method, vmap_norms, vmap_losses, vmap_bytes_per_sample, rho, adaptive)
     if problems:
-        # Once per distinct message (Python's default warning filter): the fallback can be several times slower.
-        warnings.warn("saal_scores: the fast hook engine cannot score this model (" + "; ".join(problems)
-                      + "), so it uses the torch.func (vmap) engine: exact, but on CPU it can be slower than scoring "
-                      "one item at a time. Known layers: nn.Linear, nn.Conv2d, BatchNorm, nn.LayerNorm, nn.GroupNorm.",
-                      stacklevel=3)
+        _warn_fallback("; ".join(problems), stacklevel=3)
     if method == "vmap" or problems:
-        norms, losses, memory = vmap_norms, vmap_losses, vmap_bytes_per_sample
-    else:
-        scratch = Scratch()  # one set of buffers for all chunks
-        norms, losses = partial(hooks_norms, scratch=scratch), partial(hooks_losses, scratch=scratch)
-        memory = hooks_bytes_per_sample
-    if method == "first_order":
-        return _Engine(partial(_first_order, norms, rho=rho, adaptive=adaptive), partial(memory, adaptive=adaptive))
-    return _Engine(partial(losses, rho=rho, adaptive=adaptive), partial(memory, adaptive=adaptive))
+        return vmap()
+    scratch = Scratch()  # one set of buffers for all chunks
+    return _engine(method, partial(hooks_norms, scratch=scratch), partial(hooks_losses, scratch=scratch),
+                   hooks_bytes_per_sample, rho, adaptive, fallback=None if method == "hooks" else vmap)
 
 
 def validate_scoring_options(rho: object, adaptive: object, mode: object, chunk_size: object, method: object,
@@ -127,13 +162,10 @@ def validate_scoring_options(rho: object, adaptive: object, mode: object, chunk_
         raise ValueError(f"rho must be positive and finite, got {rho!r}")
     if not isinstance(adaptive, bool):
         raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if method not in EXACT_METHODS + APPROXIMATE_METHODS:
-        raise ValueError(f"method must be one of {EXACT_METHODS + APPROXIMATE_METHODS}, got {method!r}")
-    for name, value in (("chunk_size", chunk_size), ("max_memory", max_memory)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    check_choice("mode", mode, MODES)
+    check_choice("method", method, EXACT_METHODS + APPROXIMATE_METHODS)
+    check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
+    check_int("max_memory", max_memory, minimum=1, allow_none=True)
     if chunk_size is not None and max_memory is not None:
         raise ValueError("give chunk_size or max_memory, not both (max_memory only picks the chunk size)")
 
@@ -151,17 +183,32 @@ def _validate(model: object, inputs: object, rho: object, adaptive: object, mode
         raise ValueError("the model has no trainable parameters to perturb")
 
 
+class _Progress:
+    """``advance(n)`` and ``reset()`` of a rich progress bar, or nothing when disabled."""
+
+    def __init__(self, bar: Progress | None, total: int) -> None:
+        self.bar = bar
+        self.task = None if bar is None else bar.add_task("SAAL scores", total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def reset(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.reset(self.task)
+
+
 @contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; draws a rich progress bar only when enabled."""
+def _progress_bar(enabled: bool, total: int) -> Iterator[_Progress]:
+    """Yield a :class:`_Progress`; draws a rich progress bar only when enabled."""
     if not enabled:
-        yield lambda n: None
+        yield _Progress(None, total)
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("SAAL scores", total=total)
-        yield lambda n: bar.advance(task, n)
+        yield _Progress(bar, total)
 
 
 def _as_autograd_input(x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +221,10 @@ def saal_scores(
     inputs: torch.Tensor,
     rho: float = 0.05,
     adaptive: bool = False,
-    mode: str = "max",
+    mode: Mode = "max",
     chunk_size: int | None = None,
     *,
-    method: str = "auto",
+    method: Method = "auto",
     max_memory: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -200,27 +247,43 @@ def saal_scores(
     Raises:
         ValueError: for a bad argument, a model without trainable parameters or non-logit outputs, or
             ``method="hooks"`` on a model that the hook engine cannot score.
-        RuntimeError: if the hook engine finds a layer's input changed in place after the layer ran (use
-            ``method="vmap"``).
+        HooksUnsupported: (a ``RuntimeError``) with ``method="hooks"``, if the hook engine finds while running the
+            model that it cannot take per-item gradients from it (a layer input changed in place after the layer
+            ran, or not batched along dim 0); ``"auto"`` falls back to ``"vmap"`` instead.
     """
     _validate(model, inputs, rho, adaptive, mode, chunk_size, method, max_memory)
     training_flags = {module: module.training for module in model.modules()}
-    model.eval()
     try:
-        with torch.inference_mode(False):
+        model.eval()
+        with torch.inference_mode(False), _progress_bar(progress, len(inputs)) as bar:
             engine = _select_engine(method, model, float(rho), adaptive)
-            if chunk_size is None:
-                budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-                per_item = engine.bytes_per_sample(model, _as_autograd_input(inputs[:1]))
-                chunk_size = max(1, min(len(inputs), MAX_DERIVED_CHUNK, budget // max(1, per_item)))
-            scores = []
-            with _progress_bar(progress, len(inputs)) as advance:
-                for start in range(0, len(inputs), chunk_size):
-                    x = _as_autograd_input(inputs[start : start + chunk_size])
-                    clean, perturbed = engine.losses(model, x)
-                    scores.append((perturbed - clean if mode == "diff" else perturbed).detach())
-                    advance(len(x))
+            while True:
+                try:
+                    scores = _score_chunks(engine, model, inputs, mode, chunk_size, max_memory, bar)
+                    break
+                except HooksUnsupported as error:
+                    # Raised before any layer state is used, with the model restored: start over with the fallback.
+                    if engine.fallback is None:
+                        raise
+                    _warn_fallback(str(error), stacklevel=2)
+                    engine = engine.fallback()
+                    bar.reset()
         return torch.cat(scores).to(inputs.device)
     finally:
         for module, flag in training_flags.items():
             module.training = flag
+
+
+def _score_chunks(engine: _Engine, model: nn.Module, inputs: torch.Tensor, mode: str, chunk_size: int | None,
+                  max_memory: int | None, bar: _Progress) -> list[torch.Tensor]:
+    if chunk_size is None:
+        budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+        per_item = engine.bytes_per_sample(model, _as_autograd_input(inputs[:1]))
+        chunk_size = max(1, min(len(inputs), MAX_DERIVED_CHUNK, budget // max(1, per_item)))
+    scores = []
+    for start in range(0, len(inputs), chunk_size):
+        x = _as_autograd_input(inputs[start : start + chunk_size])
+        clean, perturbed = engine.losses(model, x)
+        scores.append((perturbed - clean if mode == "diff" else perturbed).detach())
+        bar.advance(len(x))
+    return scores

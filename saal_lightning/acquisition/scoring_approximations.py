@@ -1,6 +1,7 @@
 """Approximate SAAL scores that skip the per-sample perturbed forward of the whole network.
 
-``last_layer``: only the classifier head (the last ``nn.Linear``, whose output must be the model's output) is
+``last_layer``: only the classifier head (the last ``nn.Linear`` that runs, found by
+:func:`~saal_lightning.acquisition.functional.head.forward_output_head`; its output must be the model's output) is
 perturbed, with the ascent step taken from the head's own per-sample gradient. For logits z = W h + b and
 delta = softmax(z) - onehot(yhat), the head's gradient is (delta h^T, delta), so the perturbed logits have a closed
 form in the penultimate features h and one clean forward is all it costs:
@@ -18,40 +19,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from saal_lightning.acquisition.functional.head import forward_output_head
 from saal_lightning.acquisition.scoring_common import (
     DENOMINATOR_EPS,
     activation_numel_per_sample,
-    check_logits,
     element_size,
 )
-
-
-def _head(model: nn.Module) -> nn.Linear:
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not heads:
-        raise ValueError("method='last_layer' needs an nn.Linear classifier head; the model has none")
-    head = heads[-1]
-    if not any(p.requires_grad for p in head.parameters()):
-        raise ValueError("method='last_layer': the last nn.Linear has no trainable parameters")
-    return head
 
 
 def last_layer_losses(model: nn.Module, x: torch.Tensor, rho: float, adaptive: bool) -> tuple[torch.Tensor,
                                                                                               torch.Tensor]:
     """Clean loss and the loss with only the classifier head perturbed, for every item in ``x``."""
-    head = _head(model)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = head.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        handle.remove()
-    check_logits(logits, x)
-    if not seen or seen[-1][1] is not logits or seen[-1][0].ndim != 2:
-        raise ValueError("method='last_layer' needs the model's output to be the last nn.Linear's output, applied "
-                         "to [batch, features] inputs")
-    features = seen[-1][0]
+    with torch.no_grad():
+        found = forward_output_head(model, x, "method='last_layer'")  # its features are [batch, features]
+    head, logits, features = found.layer, found.logits, found.features
+    if not any(p.requires_grad for p in head.parameters()):
+        raise ValueError("method='last_layer': the classifier head (the last nn.Linear that runs) has no trainable "
+                         "parameters")
     pseudo = logits.argmax(dim=1)
     clean = F.cross_entropy(logits, pseudo, reduction="none")
     delta = torch.softmax(logits, dim=1) - F.one_hot(pseudo, logits.shape[1]).to(logits.dtype)

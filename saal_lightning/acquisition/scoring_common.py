@@ -1,17 +1,21 @@
-"""Pieces the SAAL scoring engines share: the norm's guard, the logits check and a one-item shape probe."""
+"""Pieces the SAAL scoring engines share: the norm's guard, the logits check, hook registration that cannot leak, and
+a one-item shape probe."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 # The authors' code divides by (norm + 1e-12); keeping it makes scores match theirs when a gradient vanishes.
 DENOMINATOR_EPS = 1e-12
 
 
-def check_logits(logits: torch.Tensor, x: torch.Tensor) -> None:
+def check_logits(logits: object, x: torch.Tensor) -> None:
     """Raise a ValueError unless the model's output is a [batch, classes] tensor for the batch ``x``."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -22,6 +26,21 @@ def check_logits(logits: torch.Tensor, x: torch.Tensor) -> None:
 def element_size(x: torch.Tensor) -> int:
     """Bytes per element of the floating dtype the scorer computes in."""
     return x.element_size() if x.is_floating_point() else torch.get_default_dtype().itemsize
+
+
+@contextmanager
+def hooks_registered(modules: Iterable[nn.Module],
+                     register: Callable[[nn.Module], RemovableHandle]) -> Iterator[None]:
+    """Register one hook per module for the duration of the block; every hook registered is removed again, also when
+    the block, or the registration of a later hook, raises (the model must not keep a scorer's hook)."""
+    handles: list[RemovableHandle] = []
+    try:
+        for module in modules:
+            handles.append(register(module))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -37,17 +56,13 @@ def probe_leaf_calls(model: nn.Module, probe: torch.Tensor) -> list[LeafCall]:
     """Shapes seen by every leaf module in one no-grad forward of ``probe`` (one item), in call order."""
     calls: list[LeafCall] = []
 
-    def record(module: nn.Module, args: tuple, output: object) -> None:
+    def record(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             calls.append(LeafCall(module, args[0].shape, output.shape))
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if next(m.children(), None) is None]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    with hooks_registered(leaves, lambda m: m.register_forward_hook(record)), torch.no_grad():
+        model(probe)
     return calls
 
 

@@ -6,10 +6,11 @@ from typing import NamedTuple
 
 import torch
 
+from saal_lightning.option_checks import check_int
+
 
 def _check_query_size(num_items: int, query_size: int) -> None:
-    if query_size < 1:
-        raise ValueError(f"query_size must be a positive integer, got {query_size}")
+    check_int("query_size", query_size, minimum=1)
     if query_size > num_items:
         raise ValueError(f"cannot select {query_size} items from a pool of {num_items}")
 
@@ -130,8 +131,7 @@ def k_center_greedy(
     """
     _check_embeddings(pool_embeddings, "pool embeddings")
     _check_query_size(pool_embeddings.shape[0], k)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    check_int("chunk_size", chunk_size, minimum=1)
     pool = pool_embeddings.detach()
     picked = torch.zeros(pool.shape[0], dtype=torch.bool, device=pool.device)
     order: list[int] = []

@@ -59,6 +59,7 @@ from saal_lightning.callbacks.pool_scoring import destroy_process_group_at_exit
 from saal_lightning.callbacks.resume_checks import ResumeMismatchError, data_description, refuse_if_different
 from saal_lightning.callbacks.training_health import NonFiniteLossCounter, batch_loss, check_finite_parameters
 from saal_lightning.experiment_seed import resolve_seed
+from saal_lightning.option_checks import check_int
 from saal_lightning.reporting.progress import show_final_metrics
 from saal_lightning.reporting.round_recorder import RoundRecorder
 
@@ -117,6 +118,12 @@ class AcquisitionCallback(Callback):
     with ``--ckpt_path last``) validates and imports the answers, appends them to ``<output dir>/labels.csv``
     and goes on. Without any label, the first query is a random draw, made before any training.
 
+    A strategy that trains networks of its own (``ll4al``, ``vaal``) brings the callback that trains them
+    (:meth:`~saal_lightning.acquisition.strategies.AcquisitionStrategy.training_callback`); this callback adds it to
+    ``trainer.callbacks`` at setup, just after itself, so nothing is added by hand, and calls its
+    ``on_acquisition_start`` just before each round's pool is scored (see
+    :mod:`~saal_lightning.callbacks.strategy_training`).
+
     Raises:
         ValueError: for invalid sizes or counts, or an unknown strategy name.
         MisconfigurationException: before training, for a datamodule that is not an active one, a trainer that
@@ -144,15 +151,10 @@ class AcquisitionCallback(Callback):
         plot: bool = True,
         partial_labels: bool = False,
     ) -> None:
-        if not _is_int(query_size) or query_size < 1:
-            raise ValueError(f"query_size must be a positive integer, got {query_size!r}")
-        if epochs_per_round is not None and (not _is_int(epochs_per_round) or epochs_per_round < 1):
-            raise ValueError(f"epochs_per_round must be None (one round per fit) or a positive integer, got "
-                             f"{epochs_per_round!r}")
-        if not _is_int(num_rounds) or num_rounds < 0:
-            raise ValueError(f"num_rounds must be a non-negative integer, got {num_rounds!r}")
-        if pool_size is not None and (not _is_int(pool_size) or pool_size < query_size):
-            raise ValueError(f"pool_size must be None or an integer >= query_size ({query_size}), got {pool_size!r}")
+        check_int("query_size", query_size, minimum=1)
+        check_int("epochs_per_round", epochs_per_round, minimum=1, allow_none=True)
+        check_int("num_rounds", num_rounds, minimum=0)
+        check_int("pool_size", pool_size, minimum=query_size, allow_none=True)
         self.strategy = build_strategy(strategy)
         self.query_size = query_size
         self.pool_size = pool_size
@@ -208,6 +210,12 @@ class AcquisitionCallback(Callback):
         return self.epochs_per_round is not None
 
     @property
+    def current_round(self) -> int:
+        """The round whose training is under way (0: the initial labeled set), or, during its acquisition, the round
+        that has just been trained: the number of rounds recorded so far."""
+        return len(self.history)
+
+    @property
     def total_epochs(self) -> int:
         """Epochs of the whole experiment with rounds inside one fit: round 0 plus ``num_rounds`` rounds."""
         if self.epochs_per_round is None:
@@ -219,7 +227,7 @@ class AcquisitionCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        datamodule = trainer.datamodule
+        datamodule = _datamodule(trainer)
         missing = [name for name in DATAMODULE_PROTOCOL if not hasattr(datamodule, name)]
         if datamodule is None or missing:
             raise MisconfigurationException(
@@ -227,6 +235,9 @@ class AcquisitionCallback(Callback):
                 f"{', '.join(DATAMODULE_PROTOCOL)}); missing: {missing or 'no datamodule was passed to fit'}. "
                 "Wrap your dataset: ActiveDataModule(train_dataset=..., test_dataset=...)."
             )
+        training = self.strategy.training_callback()
+        if training is not None:
+            training.attach(trainer, self)
         if self.rounds_in_one_fit:
             self._setup_rounds_in_one_fit(trainer)
             if asks_people(datamodule) and trainer.checkpoint_callback is None:
@@ -252,7 +263,7 @@ class AcquisitionCallback(Callback):
 
     def _setup_rounds_in_one_fit(self, trainer: pl.Trainer) -> None:
         assert self.epochs_per_round is not None
-        reload_every = trainer.reload_dataloaders_every_n_epochs
+        reload_every = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]  # set at run time
         if reload_every < 1 or self.epochs_per_round % reload_every:
             raise MisconfigurationException(
                 "AcquisitionCallback changes the labeled set between epochs, so the trainer must rebuild the "
@@ -263,7 +274,7 @@ class AcquisitionCallback(Callback):
             raise MisconfigurationException(
                 f"Trainer(max_epochs={trainer.max_epochs}) conflicts with the AcquisitionCallback's rounds inside "
                 f"one fit, which train epochs_per_round={self.epochs_per_round} x (num_rounds={self.num_rounds} + 1) "
-                f"= {self.total_epochs} epochs. Drop max_epochs (the callback sets it), or use one round per fit "
+                f"= {self.total_epochs} epochs. Pass Trainer(max_epochs={self.total_epochs}) (the callback's total_epochs), or use one round per fit "
                 "(epochs_per_round=None) with max_epochs as each round's length."
             )
         if trainer.max_epochs != self.total_epochs:
@@ -299,11 +310,11 @@ class AcquisitionCallback(Callback):
                 "unknown. Start a new run without ckpt_path. Nothing was changed."
             )
         refuse_if_different(trainer.ckpt_path, {**state["options"], **state["data"]},
-                            {**self._options(), **data_description(trainer.datamodule)})
+                            {**self._options(), **data_description(_datamodule(trainer))})
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = _datamodule(trainer)
         self._stopped_for_labels = False
         self._data = data_description(datamodule)
         if self._pending_query is not None:
@@ -331,7 +342,6 @@ class AcquisitionCallback(Callback):
         self._accuracy = MulticlassAccuracy(num_classes=datamodule.num_classes, average="micro").to(
             pl_module.device
         )
-        self.strategy.setup(trainer, pl_module)
         if trainer.is_global_zero:
             assert self._recorder is not None
             self._recorder.reconcile(self.history, self._labeled_round(datamodule))
@@ -406,15 +416,14 @@ class AcquisitionCallback(Callback):
         loss = batch_loss(outputs)
         if loss is not None:
             self._losses.update(loss)
-        self.strategy.on_train_batch_end(trainer, pl_module, batch)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = _datamodule(trainer)
         self._losses.check(trainer, round_index=len(self.history))
         pl_module.log("al/round", float(len(self.history)), prog_bar=True)
         pl_module.log("al/num_labeled", float(datamodule.num_labeled), prog_bar=True)
-        if not self.rounds_in_one_fit or (trainer.current_epoch + 1) % self.epochs_per_round:
+        if self.epochs_per_round is None or (trainer.current_epoch + 1) % self.epochs_per_round:
             return
         record = self._finish_round(trainer, pl_module, epoch=trainer.current_epoch)
         if record["test_acc"] is not None:
@@ -452,11 +461,12 @@ class AcquisitionCallback(Callback):
     # ------------------------------------------------------------------ the round
     def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, Any]:
         """Test, acquire (unless it is the last round) and record the round whose training ended at ``epoch``."""
-        datamodule = trainer.datamodule
+        datamodule = _datamodule(trainer)
         round_index = len(self.history)
         train_seconds = time.perf_counter() - (self._round_started_at or time.perf_counter())
         num_labeled = datamodule.num_labeled
-        acquired, pool_size, acquisition_seconds = 0, 0, ""
+        acquired, pool_size = 0, 0
+        acquisition_seconds: float | str = ""  # an empty rounds.csv cell when the round acquires nothing
         check_finite_parameters(pl_module, round_index)
         assert self._accuracy is not None
         # Iterating a DataLoader draws its base seed from the global RNG: isolate it, so that an experiment's
@@ -465,7 +475,9 @@ class AcquisitionCallback(Callback):
             test_acc = held_out_accuracy(trainer, pl_module, datamodule, self._accuracy)
             if round_index < self.num_rounds:
                 started = time.perf_counter()
-                self.strategy.on_round_end(trainer, pl_module, datamodule)
+                training = self.strategy.training_callback()
+                if training is not None:
+                    training.on_acquisition_start(trainer, pl_module, datamodule)
                 pool_size = self._round_pool_size(datamodule)
                 selection, scores = choose_items(trainer, pl_module, datamodule, self.strategy, self.query_size,
                                                  pool_size, self.generator, round_index)
@@ -565,7 +577,6 @@ class AcquisitionCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and self._initial_scaler_state is not None:
             scaler.load_state_dict(deepcopy(self._initial_scaler_state))
-        self.strategy.on_weights_reset(trainer, pl_module)
 
     @staticmethod
     def _labeled_round(datamodule: Any) -> list[int]:
@@ -578,7 +589,6 @@ class AcquisitionCallback(Callback):
             "generator_state": self.generator.get_state(),
             "history": [dict(row) for row in self.history],
             "initial_model_state": self._initial_model_state,
-            "strategy": self.strategy.state_dict(),
             "options": self._options(),
             "data": dict(self._data),
             "reset_pending": self._reset_pending,
@@ -592,12 +602,12 @@ class AcquisitionCallback(Callback):
         self.generator.set_state(state_dict["generator_state"])
         self.history = [dict(row) for row in state_dict["history"]]
         self._initial_model_state = state_dict["initial_model_state"]
-        self.strategy.load_state_dict(state_dict["strategy"])
         self._reset_pending = bool(state_dict["reset_pending"])
         self._round_in_progress = bool(state_dict["round_in_progress"])
         self._pending_query = state_dict.get("pending_query")
         restore_global_rng(state_dict["global_rng"])
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _datamodule(trainer: pl.Trainer) -> Any:
+    """The fit's datamodule: Lightning attaches it to the trainer at run time, undeclared on the class."""
+    return trainer.datamodule  # type: ignore[attr-defined]

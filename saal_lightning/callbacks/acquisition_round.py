@@ -86,16 +86,31 @@ def choose_items(
             labeled_outputs = score_items(trainer, strategy, model, datamodule.pool_dataloader, labeled,
                                           model.device, advance)
     check_scores(pool_outputs, strategy, round_index)
-    positions, generator_state = None, None
+    positions, generator_state, failure = None, None, None
     if trainer.is_global_zero:
-        positions = torch.as_tensor(strategy.select(pool_outputs, query_size, generator, labeled_outputs))
-        check_selection(positions, query_size, pool_size, strategy)
-        generator_state = generator.get_state()
+        try:
+            positions = torch.as_tensor(strategy.select(pool_outputs, query_size, generator, labeled_outputs))
+            check_selection(positions, query_size, pool_size, strategy)
+            generator_state = generator.get_state()
+        except Exception as err:
+            # The other ranks are already waiting in the broadcast below: they must hear of the failure, or
+            # they would wait there forever while rank 0 unwinds.
+            failure = err
     # Rank 0 decides once; every rank keeps its generator in step with rank 0's (select() may have drawn from
     # it), so the next round's pool is identical everywhere.
-    positions, generator_state = broadcast_from_rank_zero(trainer, (positions, generator_state))
+    message = f"{type(failure).__name__}: {failure}" if failure is not None else None
+    positions, generator_state, message = broadcast_from_rank_zero(trainer, (positions, generator_state, message))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise SelectionFailedError(f"Round {round_index}: rank 0 failed to select the items to label, so this "
+                                   f"rank stops too ({message})")
     generator.set_state(generator_state)
     return pool[positions], pool_outputs[positions] if pool_outputs.ndim == 1 else None
+
+
+class SelectionFailedError(RuntimeError):
+    """Raised on the other DDP ranks when the strategy's selection raised on rank 0."""
 
 
 def check_scores(outputs: torch.Tensor, strategy: AcquisitionStrategy, round_index: int) -> None:

@@ -17,7 +17,8 @@ import torch
 
 def capture_global_rng() -> dict[str, Any]:
     """The CPU states of torch's, numpy's and Python's global generators."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)  # the legacy tuple's key array (typed loosely by numpy's stubs)
     version, python_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -30,7 +30,7 @@ PER_FIT_HINT = ("use one fit per round (AcquisitionCallback(epochs_per_round=Non
 
 def refuse_watchers_in_one_fit(trainer: pl.Trainer) -> None:
     """Rounds inside one fit: refuse callbacks that would compare or stop across rounds."""
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
         if isinstance(callback, EarlyStopping):
             raise MisconfigurationException(
                 f"EarlyStopping(monitor={callback.monitor!r}) cannot be used with the AcquisitionCallback's "
@@ -68,7 +68,7 @@ class PerRoundWatchers:
         self._fresh_states: dict[int, tuple[EarlyStopping, dict[str, Any]]] = {}
 
     def start_round(self, trainer: pl.Trainer, round_index: int) -> None:
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
             if isinstance(callback, EarlyStopping):
                 _, fresh = self._fresh_states.setdefault(id(callback), (callback, deepcopy(callback.state_dict())))
                 callback.load_state_dict(deepcopy(fresh))

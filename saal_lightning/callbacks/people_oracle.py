@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from saal_lightning.labeling.label_studio import local_files_url
 from saal_lightning.labeling.query_files import append_to_ledger, read_answers, write_queries
@@ -46,7 +47,7 @@ def write_query(trainer: pl.Trainer, datamodule: Any, queries_dir: Path, round_i
 def save_resumable_checkpoint(trainer: pl.Trainer) -> None:
     """Write ``<checkpoint dir>/last.ckpt`` now (a fit that stops before any epoch ends has no other)."""
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is None or not getattr(checkpoint, "dirpath", None):
+    if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.dirpath:
         return
     path = str(Path(checkpoint.dirpath) / "last.ckpt")
     # Recorded as the checkpoint callback's own "last", so that its next save replaces the file (and

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import atexit
 import math
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -115,5 +115,15 @@ def destroy_process_group_at_exit() -> None:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    atexit.unregister(_destroy_dist_connection)  # registered at most once, however many fits run
-    atexit.register(_destroy_dist_connection)
+    atexit.unregister(destroy_process_group)  # registered at most once, however many fits run
+    atexit.register(destroy_process_group)
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if it is still alive, without letting Ctrl+C interrupt the clean-up."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    finally:
+        signal.signal(signal.SIGINT, previous)

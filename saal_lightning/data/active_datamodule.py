@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +26,9 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from saal_lightning.experiment_seed import resolve_seed
+from saal_lightning.option_checks import check_choice, check_int
+
+Oracle = Literal["simulated", "human"]
 
 # Reading targets item by item decodes every image; show progress when that takes noticeable time.
 _PROGRESS_THRESHOLD = 10_000
@@ -59,25 +62,34 @@ def _as_index_tensor(indices: Sequence[int] | torch.Tensor, size: int, what: str
     return tensor
 
 
+def dataset_length(dataset: Dataset) -> int:
+    """The number of items of a map-style dataset; an iterable-style one (no ``len``) is refused."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no len(): active learning indexes its items, so it needs a "
+                        "map-style dataset (__getitem__ and __len__), not an IterableDataset")
+    return len(dataset)
+
+
 def read_targets(dataset: Dataset) -> torch.Tensor:
     """The class index of every item of ``dataset``, as an int64 tensor.
 
     Uses ``dataset.targets`` (torchvision's MNIST/CIFAR) or ``dataset.labels`` (SVHN) when present, which is
     instant; otherwise reads ``dataset[i][1]`` for every item once, which decodes and transforms every input.
     """
+    size = dataset_length(dataset)
     for attribute in ("targets", "labels"):
         values = getattr(dataset, attribute, None)
         if values is not None:
             targets = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
-            if targets.dim() != 1 or targets.numel() != len(dataset):
+            if targets.dim() != 1 or targets.numel() != size:
                 raise ValueError(
-                    f"dataset.{attribute} has shape {tuple(targets.shape)}, expected ({len(dataset)},): "
+                    f"dataset.{attribute} has shape {tuple(targets.shape)}, expected ({size},): "
                     "one class index per item"
                 )
             return targets.long().cpu()
-    positions: Iterable[int] = range(len(dataset))
-    if len(dataset) > _PROGRESS_THRESHOLD:
-        positions = track(positions, description="Reading targets", total=len(dataset), transient=True)
+    positions: Iterable[int] = range(size)
+    if size > _PROGRESS_THRESHOLD:
+        positions = track(positions, description="Reading targets", total=size, transient=True)
     return torch.tensor([int(dataset[i][1]) for i in positions], dtype=torch.long)
 
 
@@ -157,12 +169,16 @@ class ActiveDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         seed: int | None = None,
-        oracle: Literal["simulated", "human"] = "simulated",
+        oracle: Oracle = "simulated",
         classes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if oracle not in ("simulated", "human"):
-            raise ValueError(f"oracle must be 'simulated' or 'human', got {oracle!r}")
+        check_choice("oracle", oracle, get_args(Oracle))
+        check_int("initial_labels", initial_labels, minimum=0)  # 0 is refused below with how to start
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("eval_batch_size", eval_batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("num_classes", num_classes, minimum=1, allow_none=True)
         if classes is not None:
             if len(classes) < 1 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in
                                                                                   classes):
@@ -181,16 +197,6 @@ class ActiveDataModule(pl.LightningDataModule):
                 "initial_labels=0: round 0 trains the model on the initial labeled set, so it needs at least one "
                 "labeled item; start with a few per class (e.g. initial_labels=20 for 10 classes)"
             )
-        for name, value, minimum in (
-            ("initial_labels", initial_labels, 0 if oracle == "human" else 1),
-            ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < minimum:
-                raise ValueError(f"Expected `{name}` >= {minimum}, got {value}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"Expected `num_classes` >= 1, got {num_classes}")
         self.train_dataset = train_dataset
         self.test_dataset = test_dataset
         self.pool_dataset = pool_dataset
@@ -241,10 +247,10 @@ class ActiveDataModule(pl.LightningDataModule):
             initial = self.labeled_indices
             if initial.numel():
                 self.labels[initial] = self._train_targets()[initial]
-        elif self.labeled_round.numel() != len(self.train_dataset):
+        elif self.labeled_round.numel() != dataset_length(self.train_dataset):
             raise ValueError(
                 f"The restored split covers {self.labeled_round.numel()} items but the training set has "
-                f"{len(self.train_dataset)}: the checkpoint was made with a different data set"
+                f"{dataset_length(self.train_dataset)}: the checkpoint was made with a different data set"
             )
 
     def _attach_datasets(self) -> None:
@@ -255,9 +261,10 @@ class ActiveDataModule(pl.LightningDataModule):
         self._targets = None
         if self.pool_dataset is None:
             self.pool_dataset = train
-        elif len(self.pool_dataset) != len(train):
+        elif dataset_length(self.pool_dataset) != dataset_length(train):
             raise ValueError(
-                f"pool_dataset has {len(self.pool_dataset)} items but train_dataset has {len(train)}: "
+                f"pool_dataset has {dataset_length(self.pool_dataset)} items but train_dataset has "
+                f"{dataset_length(train)}: "
                 "the pool must hold the same items in the same order (without augmentation)"
             )
         if self.oracle == "simulated":
@@ -270,7 +277,7 @@ class ActiveDataModule(pl.LightningDataModule):
             elif targets.numel() and targets.max() >= self.num_classes:
                 raise ValueError(f"num_classes={self.num_classes} but the training set has target "
                                  f"{int(targets.max())}")
-        if self.in_channels is None and len(train):
+        if self.in_channels is None and dataset_length(train):
             first = _input_of(train[0])
             if isinstance(first, torch.Tensor) and first.dim() == 3:
                 self.in_channels = int(first.shape[0])
@@ -289,6 +296,11 @@ class ActiveDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__} has no training set yet: call setup() first (Trainer.fit does)")
         return self.train_dataset
 
+    def _require_num_classes(self) -> int:
+        if self.num_classes is None:
+            raise RuntimeError(f"{type(self).__name__} does not know num_classes yet: call setup() first")
+        return self.num_classes
+
     def _train_targets(self) -> torch.Tensor:
         if self.oracle == "human":
             raise RuntimeError(f"{type(self).__name__} has oracle='human': its targets are never read; label "
@@ -300,16 +312,17 @@ class ActiveDataModule(pl.LightningDataModule):
     def _initial_split(self) -> torch.Tensor:
         """Draw the round-0 labeled set with a generator of its own, so the global RNG stream is untouched."""
         if self.oracle == "human":
-            return torch.full((len(self._require_train_dataset()),), -1, dtype=torch.long)
+            return torch.full((dataset_length(self._require_train_dataset()),), -1, dtype=torch.long)
         targets = self._train_targets()
         size = targets.numel()
         if self.initial_labels > size:
             raise ValueError(f"initial_labels={self.initial_labels} exceeds the {size} items of the training set")
         generator = torch.Generator().manual_seed(self.seed)
+        num_classes = self._require_num_classes()
         if self.balanced and self.initial_labels:
-            per_class = self.initial_labels // self.num_classes
+            per_class = self.initial_labels // num_classes
             chosen = []
-            for cls in range(self.num_classes):
+            for cls in range(num_classes):
                 members = torch.nonzero(targets == cls).flatten()
                 if members.numel() < per_class:
                     raise ValueError(
@@ -358,7 +371,7 @@ class ActiveDataModule(pl.LightningDataModule):
 
     def targets(self, indices: torch.Tensor) -> torch.Tensor:
         """The oracle's class indices for the given training-set indices (int64, same order)."""
-        size = len(self._require_train_dataset())
+        size = dataset_length(self._require_train_dataset())
         return self._train_targets()[_as_index_tensor(indices, size, "targets()")]
 
     def label(
@@ -460,7 +473,7 @@ class ActiveDataModule(pl.LightningDataModule):
         The simulated oracle's targets; with people as the oracle (no targets), the items' names.
         """
         if self.oracle == "human":
-            names = self.item_names(torch.arange(len(self._require_train_dataset())))
+            names = self.item_names(torch.arange(dataset_length(self._require_train_dataset())))
             return hashlib.sha256("\n".join(names).encode()).hexdigest()
         return hashlib.sha256(self._train_targets().numpy().tobytes()).hexdigest()
 
@@ -497,9 +510,10 @@ class ActiveDataModule(pl.LightningDataModule):
             )
         # A subclass may not have built its training set yet (Lightning restores after setup, but a user may
         # not); setup() then repeats this check.
-        if self.train_dataset is not None and size != len(self.train_dataset):
+        if self.train_dataset is not None and size != dataset_length(self.train_dataset):
             raise ValueError(
-                f"The checkpoint's split covers {size} items but the training set has {len(self.train_dataset)}: "
+                f"The checkpoint's split covers {size} items but the training set has "
+                f"{dataset_length(self.train_dataset)}: "
                 "it was made with a different data set"
             )
         if int(state_dict["seed"]) != self.seed:
@@ -563,6 +577,8 @@ class ActiveDataModule(pl.LightningDataModule):
         return self._val_dataloader if self.val_dataset is not None else None
 
     def _val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            raise ValueError("no val_dataset: val_dataloader is None without one")
         return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
@@ -583,7 +599,7 @@ class ActiveDataModule(pl.LightningDataModule):
         """
         if self.pool_dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no pool dataset yet: call setup() first")
-        index = _as_index_tensor(indices, len(self.pool_dataset), "pool_dataloader()")
+        index = _as_index_tensor(indices, dataset_length(self.pool_dataset), "pool_dataloader()")
         assert self.labels is not None
         return self._eval_loader(Subset(_WithLabels(self.pool_dataset, self.labels), index.tolist()))
 
@@ -626,7 +642,7 @@ class _WithLabels(Dataset):
         self.labels = labels
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
         return _input_of(self.dataset[index]), self.labels[index]

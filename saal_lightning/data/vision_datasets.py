@@ -31,7 +31,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
-from torchvision.datasets.vision import StandardTransform
+from torchvision.datasets.vision import StandardTransform, VisionDataset
 
 from saal_lightning.data.active_datamodule import ActiveDataModule
 
@@ -173,7 +173,7 @@ def build_transforms(spec: VisionDatasetSpec, augment: bool) -> tuple[Callable, 
     return transforms.Compose((augmentation if augment else []) + normalize), transforms.Compose(normalize)
 
 
-def _with_transform(dataset: Dataset, transform: Callable) -> Dataset:
+def _with_transform(dataset: VisionDataset, transform: Callable) -> VisionDataset:
     """A shallow copy of a torchvision data set with another transform; the image arrays are shared, not copied."""
     view = copy.copy(dataset)
     view.transform = transform

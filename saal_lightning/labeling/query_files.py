@@ -141,7 +141,7 @@ def read_answers(
     return source, answers
 
 
-def _csv_entries(path: Path) -> list[tuple[str, int, str, str]]:
+def _csv_entries(path: Path) -> list[tuple[str, int, str, str | None]]:
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = {"index", "path", "label"} - set(reader.fieldnames or [])

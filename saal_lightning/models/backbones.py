@@ -4,8 +4,9 @@
 average pool so that 28 px Fashion-MNIST works as well as 32 px CIFAR. ``wide_cnn`` (about 420 k parameters)
 is the CPU stand-in for it in the ``cpu`` preset of ``scripts/replicate.py``: the widest model whose 31-round
 protocol fits two CPU cores in about two hours, chosen for capacity, not for any strategy's result.
-``small_cnn`` (about 40 k parameters) is for the quickstart and tests. Every backbone's last module is the ``nn.Linear`` classifier head: strategies
-that need penultimate features (coreset, BADGE) read the input of the last ``nn.Linear``.
+``small_cnn`` (about 40 k parameters) is for the quickstart and tests. Every backbone's last module is the
+``nn.Linear`` classifier head: strategies that need penultimate features (coreset, BADGE) read the input of the
+last ``nn.Linear`` that runs.
 
 Example::
 

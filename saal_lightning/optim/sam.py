@@ -102,7 +102,7 @@ class SAM(torch.optim.Optimizer):
                     p.copy_(self.state[p].pop("theta"))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run the two-pass SAM update; returns the first (unperturbed) pass's loss."""
         if closure is None:
             raise RuntimeError(

@@ -40,7 +40,7 @@ class AppendingCSVLogger(CSVLogger):
     @override
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
+        if not isinstance(self._experiment, _AppendingExperimentWriter):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment

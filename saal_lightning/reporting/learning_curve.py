@@ -27,7 +27,7 @@ def plot_learning_curves(
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():
-        points = [(int(r["num_labeled"]), float(r["test_acc"])) for r in rows
+        points = [(int(str(r["num_labeled"])), float(str(r["test_acc"]))) for r in rows
                   if r["test_acc"] not in ("", None)]
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)

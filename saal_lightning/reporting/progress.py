@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 def acquisition_progress(trainer: pl.Trainer, total: int, description: str) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``: report ``n`` more items done out of ``total`` (rank 0 only)."""
     bar = trainer.progress_bar_callback
-    if not trainer.is_global_zero or bar is None or not bar.is_enabled:
+    if not trainer.is_global_zero or not isinstance(bar, (RichProgressBar, TQDMProgressBar)) or not bar.is_enabled:
         yield lambda n: None
     elif isinstance(bar, RichProgressBar) and bar.progress is not None:
-        task = bar.progress.add_task(description, total=total)
+        progress = bar.progress
+        task = progress.add_task(description, total=total)
         try:
-            yield lambda n: bar.progress.update(task, advance=n, refresh=True)
+            yield lambda n: progress.update(task, advance=n, refresh=True)
         finally:
-            bar.progress.remove_task(task)
+            progress.remove_task(task)
     elif isinstance(bar, TQDMProgressBar):
         from tqdm.auto import tqdm
 

@@ -31,6 +31,6 @@ def print_round_summary(rows: Sequence[Mapping[str, Any]], title: str, console: 
     (console or Console()).print(round_summary_table(rows, title))
 
 
-def _percent(value: object) -> str:
+def _percent(value: Any) -> str:
     # No test set (a folder of images labeled by people may have none): no accuracy, not 0 %.
     return "-" if value in ("", None) else f"{100 * float(value):.2f}%"

@@ -24,7 +24,6 @@ class ShardCheckingEntropy(Entropy):
         self.out_dir = out_dir
         self.round = 0
         self.scored = 0
-        self.rank = 0
 
     def compute(self, model, inputs):
         self.scored += len(inputs)
@@ -34,10 +33,6 @@ class ShardCheckingEntropy(Entropy):
         # Only rank 0 selects: keep what it saw for the test to check.
         torch.save(pool_outputs, Path(self.out_dir, f"gathered-round{self.round}.pt"))
         return super().select(pool_outputs, query_size, generator, labeled_outputs)
-
-    def on_round_end(self, trainer, pl_module, datamodule):
-        self.rank = trainer.global_rank
-        self.scored = 0
 
     def __repr__(self):
         return "ShardCheckingEntropy()"
@@ -55,6 +50,7 @@ class RecordPerRank(Callback):
         path = Path(self.out_dir, f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.json")
         path.write_text(json.dumps(record))
         self.strategy.round += 1
+        self.strategy.scored = 0
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo on CPU")
@@ -133,7 +129,7 @@ def test_the_process_group_is_destroyed_once_at_exit(tmp_path: Path) -> None:
         def destroy():
             calls.append(dist.is_initialized())
             dist.destroy_process_group()
-        pool_scoring._destroy_dist_connection = destroy
+        pool_scoring.destroy_process_group = destroy
 
         pool_scoring.destroy_process_group_at_exit()  # no group yet: nothing to register
         dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -210,3 +206,45 @@ def test_one_round_per_fit_is_refused_under_ddp_spawn(tmp_path: Path) -> None:
                                         "per fit"):
         trainer.fit(ActiveClassifier("small_cnn", num_classes=4, in_channels=1), datamodule=datamodule)
     assert not (tmp_path / "run").exists()
+
+
+FAILING_SELECTION_SCRIPT = '''
+import lightning.pytorch as pl
+from saal_lightning import AcquisitionCallback, ActiveClassifier, ActiveDataModule
+from saal_lightning.acquisition.strategies import Entropy
+from tests.synthetic_data import SyntheticImages
+
+
+class FailingSelection(Entropy):
+    def select(self, pool_outputs, query_size, generator, labeled_outputs=None):
+        raise ValueError("select exploded on rank 0")
+
+
+if __name__ == "__main__":
+    datamodule = ActiveDataModule(train_dataset=SyntheticImages(60, seed=0), test_dataset=SyntheticImages(20, seed=1),
+                                  initial_labels=8, batch_size=8, eval_batch_size=16)
+    acquisition = AcquisitionCallback(FailingSelection(), query_size=4, pool_size=20, num_rounds=1, epochs_per_round=1,
+                                      plot=False)
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, reload_dataloaders_every_n_epochs=1,
+                         callbacks=[acquisition], default_root_dir=".")
+    trainer.fit(ActiveClassifier("small_cnn", num_classes=4, in_channels=1), datamodule=datamodule)
+'''
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp with gloo on CPU")
+def test_a_selection_that_raises_on_rank_zero_ends_every_rank(tmp_path: Path) -> None:
+    """Rank 1 waits in the broadcast of rank 0's selection: it must raise too, not wait there forever."""
+    import os
+    import subprocess
+
+    script = tmp_path / "failing_selection.py"
+    script.write_text(FAILING_SELECTION_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)  # a hang fails the test here instead of stalling the suite
+    assert result.returncode != 0
+    assert "ValueError: select exploded on rank 0" in result.stderr  # rank 0's own error
+    assert ("SelectionFailedError: Round 0: rank 0 failed to select the items to label, so this rank stops too "
+            "(ValueError: select exploded on rank 0)") in result.stderr  # rank 1's

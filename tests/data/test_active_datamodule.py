@@ -494,3 +494,28 @@ def test_read_targets_fallback_with_progress_for_large_datasets():
     data = CountingDataset(size=10_001, targets_attr=None)
     targets = read_targets(data)
     assert data.calls == 10_001 and torch.equal(targets, torch.arange(10_001) % NUM_CLASSES)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("batch_size", 2.5, "batch_size must be an integer >= 1, got 2.5"),
+    ("batch_size", True, "batch_size must be an integer >= 1, got True"),
+    ("eval_batch_size", 0, "eval_batch_size must be an integer >= 1, got 0"),
+    ("num_workers", -1, "num_workers must be an integer >= 0, got -1"),
+    ("initial_labels", 10.0, "initial_labels must be an integer >= 0, got 10.0"),
+    ("num_classes", 5.5, "num_classes must be an integer >= 1 or None, got 5.5"),
+    ("oracle", "robot", "oracle must be one of 'simulated', 'human', got 'robot'"),
+])
+def test_options_of_the_wrong_type_are_refused_with_one_message_shape(option, value, message) -> None:
+    data = TensorDataset(torch.randn(20, 3), torch.arange(20) % 5)
+    with pytest.raises(ValueError) as refused:
+        ActiveDataModule(data, data, **{"initial_labels": 10, option: value})
+    assert str(refused.value) == message
+
+
+def test_a_dataset_without_len_is_refused_naming_the_fix() -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(3), 0
+
+    with pytest.raises(TypeError, match="Stream has no len\\(\\): .* needs a map-style dataset"):
+        ActiveDataModule(Stream(), Stream(), initial_labels=1)

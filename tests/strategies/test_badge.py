@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from saal_lightning.acquisition.selection import OuterProducts, kmeans_pp_seeding
-from saal_lightning.acquisition.strategies.badge import (
-    BADGE,
+from saal_lightning.acquisition.functional.gradient_embedding import (
     gradient_embedding,
     gradient_embedding_factors,
     pack_factors,
     unpack_factors,
 )
+from saal_lightning.acquisition.selection import OuterProducts, kmeans_pp_seeding
+from saal_lightning.acquisition.strategies.badge import BADGE
 from saal_lightning.models.backbones import small_cnn
 from tests.strategies.embedding_layout import dense_in_embedding_order
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from saal_lightning.acquisition.functional.head import forward_last_linear
 from saal_lightning.acquisition.selection import k_center_greedy
 from saal_lightning.acquisition.strategies.coreset import Coreset
-from saal_lightning.acquisition.strategies.feature_hooks import forward_last_linear
 from saal_lightning.models.backbones import small_cnn
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saal_lightning.acquisition.functional.gradient_embedding import gradient_embedding, pack_factors, unpack_factors
 from saal_lightning.acquisition.selection import OuterProducts
-from saal_lightning.acquisition.strategies.badge import gradient_embedding, pack_factors, unpack_factors
 from saal_lightning.acquisition.strategies.saal import SAAL
 from saal_lightning.acquisition.strategies.saal_diverse import SAALDiverse
 from tests.strategies.embedding_layout import dense_in_embedding_order

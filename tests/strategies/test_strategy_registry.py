@@ -65,8 +65,8 @@ def test_class_path_arguments_are_typed():
     config = parser.parse_object(
         {"strategy": {"class_path": path, "init_args": {"feature_layers": ["a", "b"], "optimizer": "sgd"}}}
     )
-    strategy = parser.instantiate(config).strategy
-    assert strategy.feature_layers == ["a", "b"] and strategy.optimizer_name == "sgd"
+    training = parser.instantiate(config).strategy.training_callback()
+    assert training.feature_layers == ["a", "b"] and training.optimizer_name == "sgd"
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_object({"strategy": {"class_path": path, "init_args": {"optimizer": "rmsprop"}}})
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from saal_lightning.acquisition.strategies.vaal import VAAL, ConvVAE
+from saal_lightning.acquisition.strategies.vaal import VAAL
+from saal_lightning.callbacks import VAALTraining
+from saal_lightning.models.vae import ConvVAE
 
 SMALL = {"latent_dim": 4, "width": 4, "discriminator_hidden": 16, "batch_size": 16}
 
@@ -40,13 +44,14 @@ def trained() -> VAAL:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the autouse single_thread fixture does not cover module-scoped fixtures
     strategy = VAAL(steps=150, lr=2e-3, adversary_weight=1.0, seed=0, **SMALL)
-    strategy.fit(images(64, 1.0, seed=1), images(64, -1.0, seed=2), seed=0)
+    strategy.training_callback().fit(images(64, 1.0, seed=1), images(64, -1.0, seed=2), seed=0)
     torch.set_num_threads(threads)
     return strategy
 
 
 def test_training_reduces_both_losses(trained):
-    vae, discriminator = (torch.tensor(trained.train_losses[key]) for key in ("vae", "discriminator"))
+    losses = trained.training_callback().train_losses
+    vae, discriminator = (torch.tensor(losses[key]) for key in ("vae", "discriminator"))
     assert vae.shape == discriminator.shape == (150,)
     # Seeded run: VAE 3.4 -> 1.9, discriminator 1.28 -> 1.08 (it plays against the VAE's adversarial term).
     assert vae[-20:].mean() < 0.7 * vae[:20].mean()
@@ -69,11 +74,11 @@ def test_scores_are_the_probability_of_unlabeled(trained):
 
 def test_state_dict_round_trip_reproduces_scores(trained):
     buffer = io.BytesIO()
-    torch.save(trained.state_dict(), buffer)
+    torch.save(trained.training_callback().state_dict(), buffer)
     buffer.seek(0)
     rng = torch.get_rng_state()
     restored = VAAL(**SMALL)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.training_callback().load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(torch.get_rng_state(), rng)  # building the networks on load drew no random numbers
     probe = images(6, 0.0, seed=7)
     with torch.no_grad():
@@ -82,7 +87,7 @@ def test_state_dict_round_trip_reproduces_scores(trained):
 
 def test_training_is_seeded_and_leaves_the_global_rng_alone():
     labeled, unlabeled = images(8, 1.0, seed=1, channels=3, size=32), images(8, -1.0, seed=2, channels=3, size=32)
-    first, second = VAAL(steps=3, **SMALL), VAAL(steps=3, **SMALL)
+    first, second = VAALTraining(steps=3, **SMALL), VAALTraining(steps=3, **SMALL)
     rng = torch.get_rng_state()
     first.fit(labeled, unlabeled, seed=5)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -90,7 +95,7 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
     second.fit(labeled, unlabeled, seed=5)
     for name, tensor in first.state_dict()["vae"].items():
         assert torch.equal(tensor, second.state_dict()["vae"][name]), name
-    other = VAAL(steps=3, **SMALL)
+    other = VAALTraining(steps=3, **SMALL)
     other.fit(labeled, unlabeled, seed=6)
     assert not torch.equal(other.state_dict()["vae"]["to_mu.weight"], first.state_dict()["vae"]["to_mu.weight"])
 
@@ -98,18 +103,18 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
 def test_round_end_trains_on_the_datamodule_split():
     data = torch.cat([images(10, 1.0, seed=1), images(30, -1.0, seed=2)])
     datamodule = FakeDataModule(data, labeled=list(range(10)))
-    strategy = VAAL(steps=2, num_unlabeled=12, seed=3, **SMALL)
-    pl_module = nn.Linear(1, 1)
+    training = VAALTraining(steps=2, num_unlabeled=12, seed=3, **SMALL)
+    pl_module = SimpleNamespace(device=torch.device("cpu"))
     rng = torch.get_rng_state()
-    strategy.on_round_end(None, pl_module, datamodule)
+    training.on_acquisition_start(None, pl_module, datamodule)
     assert torch.equal(torch.get_rng_state(), rng)  # DataLoader iteration included
     labeled, sample = datamodule.loaded
     assert labeled == list(range(10))
     assert len(sample) == len(set(sample)) == 12 and set(sample) <= set(datamodule.unlabeled_indices)
-    assert strategy.rounds_trained == 1 and strategy.state_dict()["rounds_trained"] == 1
+    assert training.rounds_trained == 1 and training.state_dict()["rounds_trained"] == 1
     # The next round draws another sample (seed + round) from the same split.
-    strategy.on_round_end(None, pl_module, datamodule)
-    assert datamodule.loaded[3] != sample and strategy.rounds_trained == 2
+    training.on_acquisition_start(None, pl_module, datamodule)
+    assert datamodule.loaded[3] != sample and training.rounds_trained == 2
 
 
 def test_vae_shapes_for_the_paper_datasets():
@@ -126,18 +131,19 @@ def test_misuse_gives_clear_errors(trained):
     with pytest.raises(ValueError, match=r"trained on items of shape \[1, 28, 28\]"):
         trained.compute(nn.Identity(), torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="needs both"):
-        VAAL().fit(torch.zeros(2, 1, 28, 28), torch.zeros(0, 1, 28, 28), seed=0)
+        VAALTraining().fit(torch.zeros(2, 1, 28, 28), torch.zeros(0, 1, 28, 28), seed=0)
     with pytest.raises(ValueError, match=r"\[batch, channels, height, width\]"):
-        VAAL().fit(torch.zeros(2, 8), torch.zeros(2, 8), seed=0)
+        VAALTraining().fit(torch.zeros(2, 8), torch.zeros(2, 8), seed=0)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"latent_dim": 0}, "latent_dim"),
+        ({"latent_dim": 0}, "latent_dim must be an integer >= 1, got 0"),
         ({"steps": 0}, "steps"),
-        ({"batch_size": 2.5}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
         ({"num_unlabeled": -1}, "num_unlabeled"),
+        ({"seed": "0"}, "seed must be an integer, got '0'"),
         ({"lr": 0.0}, "lr"),
         ({"beta": -1.0}, "beta"),
     ],
@@ -145,3 +151,10 @@ def test_misuse_gives_clear_errors(trained):
 def test_arguments_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VAAL(**kwargs)
+
+
+def test_state_is_never_empty_so_that_a_checkpoint_without_it_is_refused():
+    # Lightning leaves an empty state out of the checkpoint; a fresh callback's state counts its trainings.
+    assert VAALTraining().state_dict() == {"rounds_trained": 0}
+    with pytest.raises(MisconfigurationException, match="holds no VAALTraining state"):
+        VAALTraining().on_load_checkpoint(SimpleNamespace(ckpt_path="last.ckpt"), None, {"callbacks": {}})

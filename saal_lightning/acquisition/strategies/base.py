@@ -8,14 +8,14 @@ A round's acquisition has two phases, so that it can be sharded across DDP ranks
 2. :meth:`AcquisitionStrategy.select` runs on rank 0 over the outputs gathered from all ranks, in pool order, and
    returns the *positions* (into the sampled pool) of the items to label. The default picks the top-k scores.
 
-Strategies that own extra networks (LL4AL, VAAL) use the lifecycle hooks :meth:`setup`,
-:meth:`on_train_batch_end`, :meth:`on_round_end` and :meth:`on_weights_reset`, and keep their state in
-:meth:`state_dict`.
+A strategy that owns networks of its own (LL4AL's loss predictor, VAAL's VAE and discriminator) has them trained
+by a Lightning callback, returned by :meth:`AcquisitionStrategy.training_callback`, which holds their state; the
+acquisition callback adds that callback to the trainer (see :mod:`saal_lightning.callbacks.strategy_training`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from saal_lightning.acquisition.selection import top_k
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
+    from saal_lightning.callbacks.strategy_training import StrategyTraining
 
 
 class AcquisitionStrategy:
@@ -57,26 +57,14 @@ class AcquisitionStrategy:
         (ties broken at random with ``generator``)."""
         return top_k(pool_outputs, query_size, generator)
 
-    # Lifecycle hooks for strategies that own networks; the AcquisitionCallback forwards them.
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Called once per fit, before training starts."""
+    def training_callback(self) -> StrategyTraining | None:
+        """The callback that trains this strategy's own networks, or ``None`` (the default: the strategy reads the
+        classifier only).
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Called after every training batch (LL4AL trains its loss predictor here)."""
-
-    def on_round_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> None:
-        """Called at the end of a round's training, before the pool is scored (VAAL trains here)."""
-
-    def on_weights_reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Called after the callback restored the model's initial weights (``reset_weights=True``); a strategy
-        whose networks learn from the model's features (LL4AL) restarts them here too."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and primitives only: checkpoints load with ``weights_only=True``."""
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        The acquisition callback attaches it at setup, adding it to ``trainer.callbacks`` when it is not there;
+        return the same instance every time, since it holds what the networks learned.
+        """
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saal_lightning.acquisition.functional.features import penultimate_features
 from saal_lightning.acquisition.selection import k_center_greedy
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
-from saal_lightning.acquisition.strategies.feature_hooks import forward_last_linear
+from saal_lightning.option_checks import check_int
 
 
 class Coreset(AcquisitionStrategy):
     """Label the pool items that best cover the labeled ∪ pool set in the model's penultimate-feature space.
 
-    The embedding of an item is the input of the model's last ``nn.Linear`` (read with a forward hook, so any
-    classifier with a linear head works). Selection is the greedy k-center 2-approximation (the paper's
-    Algorithm 1): repeatedly take the pool item farthest from its nearest labeled-or-picked item. The paper's
-    robust mixed-integer refinement (which needs a MIP solver) is not implemented.
+    ``compute`` embeds an item as the input of the classifier head
+    (:func:`~saal_lightning.acquisition.functional.penultimate_features`, so any classifier with a linear head
+    works). ``select`` is the greedy k-center 2-approximation (the paper's Algorithm 1,
+    :func:`~saal_lightning.acquisition.selection.k_center_greedy`): repeatedly take the pool item farthest from its
+    nearest labeled-or-picked item. The paper's robust mixed-integer refinement (which needs a MIP solver) is not
+    implemented.
 
     Reference: Sener & Savarese, "Active Learning for Convolutional Neural Networks: A Core-Set Approach"
     (ICLR 2018); the "Coreset" baseline of the SAAL paper's Table 1.
@@ -37,12 +40,10 @@ class Coreset(AcquisitionStrategy):
     needs_labeled = True
 
     def __init__(self, chunk_size: int = 1024) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return forward_last_linear(model, inputs).features.float()
+        return penultimate_features(model, inputs)
 
     def select(
         self,

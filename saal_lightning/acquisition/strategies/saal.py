@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saal_lightning.acquisition.saal_score import saal_scores, validate_scoring_options
+from saal_lightning.acquisition.functional.saal import Method, Mode, saal_scores, validate_scoring_options
 from saal_lightning.acquisition.strategies.base import AcquisitionStrategy
 
 
 class SAAL(AcquisitionStrategy):
     """Label the items whose loss under their own pseudo-label rises most in a rho-ball around the weights.
 
-    score(x) = CE(f_{theta+eps}(x), yhat) with eps the per-sample SAM ascent step (paper eq. 6).
+    ``compute`` is :func:`~saal_lightning.acquisition.functional.saal_scores`, score(x) = CE(f_{theta+eps}(x), yhat)
+    with eps the per-sample SAM ascent step (paper eq. 6); ``select`` the top-k of the scores.
 
     Args:
         rho: radius of the perturbation ball (the paper and the authors' code use 0.05).
@@ -28,6 +29,10 @@ class SAAL(AcquisitionStrategy):
     Example::
 
         >>> strategy = SAAL(rho=0.05, adaptive=True)
+        >>> SAAL(chunk_size=2.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: chunk_size must be an integer >= 1 or None, got 2.5
     """
 
     name = "saal"
@@ -37,16 +42,16 @@ class SAAL(AcquisitionStrategy):
         self,
         rho: float = 0.05,
         adaptive: bool = False,
-        mode: str = "max",
+        mode: Mode = "max",
         chunk_size: int | None = None,
-        method: str = "auto",
+        method: Method = "auto",
     ) -> None:
         validate_scoring_options(rho, adaptive, mode, chunk_size, method)
         self.rho = rho
         self.adaptive = adaptive
-        self.mode = mode
+        self.mode: Mode = mode
         self.chunk_size = chunk_size
-        self.method = method
+        self.method: Method = method
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return saal_scores(model, inputs, rho=self.rho, adaptive=self.adaptive, mode=self.mode,

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from saal_lightning.acquisition.functional.gradient_embedding import (
+    gradient_embedding_factors,
+    pack_factors,
+    unpack_factors,
+)
+from saal_lightning.acquisition.functional.saal import Method, Mode
 from saal_lightning.acquisition.selection import OuterProducts, kmeans_pp_seeding, top_k
-from saal_lightning.acquisition.strategies.badge import gradient_embedding_factors, pack_factors, unpack_factors
 from saal_lightning.acquisition.strategies.saal import SAAL
+from saal_lightning.option_checks import check_choice
 
-SPACES = ("score", "gradient")
+Space = Literal["score", "gradient"]
+SPACES: tuple[str, ...] = get_args(Space)
 
 
 class SAALDiverse(SAAL):
@@ -25,7 +32,7 @@ class SAALDiverse(SAAL):
     highest remaining scores, in top-k order.
 
     ``space="gradient"`` seeds in BADGE's gradient-embedding space instead
-    (:func:`~saal_lightning.acquisition.strategies.badge.gradient_embedding`), with each item's embedding
+    (:func:`~saal_lightning.acquisition.functional.gradient_embedding`), with each item's embedding
     multiplied by its SAAL score clamped at 0 (a ``"diff"`` score can dip below 0). Sharp items therefore lie
     far from the origin and are likelier picks, while the direction still spreads the picks over features and
     pseudo-labels. The same top-k fallback applies.
@@ -50,15 +57,13 @@ class SAALDiverse(SAAL):
         self,
         rho: float = 0.05,
         adaptive: bool = False,
-        mode: str = "max",
+        mode: Mode = "max",
         chunk_size: int | None = None,
-        method: str = "auto",
-        space: Literal["score", "gradient"] = "score",
+        method: Method = "auto",
+        space: Space = "score",
     ) -> None:
         super().__init__(rho=rho, adaptive=adaptive, mode=mode, chunk_size=chunk_size, method=method)
-        if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-        self.space = space
+        self.space: Space = check_choice("space", space, SPACES)
 
     def compute(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         scores = super().compute(model, inputs)
@@ -83,6 +88,7 @@ class SAALDiverse(SAAL):
                 f"space={self.space!r} expects {expected_ndim}-D outputs from compute(), got shape "
                 f"{tuple(pool_outputs.shape)}"
             )
+        points: torch.Tensor | OuterProducts
         if self.space == "score":
             scores, points = pool_outputs, pool_outputs.unsqueeze(1)
         else:
