@@ -99,12 +99,16 @@ LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 NormFn = Callable[[nn.Module, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
 MemoryFn = Callable[..., int]  # (model, probe, adaptive=...) -> bytes per item
 
-# What the fallback costs, measured with benchmarks/acquisition.py on the 2-core CPU VM in float32 (time per item of
-# method="vmap" over method="hooks"): ResNet-18, 256 items (README table, 2026-11-25): 52.6 / 14.4 ms (plain ball) and
-# 63.5 / 28.5 ms (adaptive), where the fallback ran at 0.79x the speed of the one-item-at-a-time loop; the BERT-style
-# encoder of benchmarks/bert_like.py, --quick (2026-12-01): see FALLBACK_MEASURED.
-FALLBACK_MEASURED = ("measured 2.2-3.7x the hook engine's time on ResNet-18 (slower than scoring one item at a time "
-                     "there) and 1.6-2.0x on a BERT-style encoder, on CPU (benchmarks/acquisition.py)")
+# What the fallback costs, measured with benchmarks/acquisition.py on the 2-core CPU VM in float32, as time per item of
+# method="vmap" over method="hooks": ResNet-18, 256 items at 28 px (README table, 2026-11-25): 52.6 / 14.4 ms (plain
+# ball) and 63.5 / 28.5 ms (adaptive), where the fallback was slower than the one-item-at-a-time loop (0.79x);
+# small CNN (same table): 0.19 / 0.18 and 0.20 / 0.16 ms; the tiny BERT-style encoder of benchmarks/bert_like.py
+# (2 layers, width 64, 32 tokens, 256 items; 2026-12-01, best of 5 interleaved runs on a loaded VM): 4.94 / 5.00 ms
+# (plain) and 5.14 / 3.80 ms (adaptive). (A real Hugging Face BertForSequenceClassification cannot take the
+# fallback at all: vmap refuses its mask helpers' data-dependent branches.)
+FALLBACK_MEASURED = ("measured 2.2-3.7x the hook engine's time per item on ResNet-18, where it was slower than scoring "
+                     "one item at a time, and 1.0-1.4x on a small CNN and a tiny BERT-style encoder (CPU, "
+                     "benchmarks/acquisition.py)")
 
 
 @dataclass(frozen=True)

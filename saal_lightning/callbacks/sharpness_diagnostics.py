@@ -47,6 +47,9 @@ Lower ``sample_size`` or raise ``every_n_rounds`` for long CPU runs.
 are the callback's checkpointed state, so a resumed run rewrites the files from the checkpoint's rows and never
 duplicates a round.
 
+With ``saal fit``: ``--trainer.callbacks+=saal_lightning.callbacks.sharpness_diagnostics.SharpnessDiagnostics
+--trainer.callbacks.sample_size=500``. ``notebooks/sharpness_figures.ipynb`` draws the figures from the files.
+
 Example::
 
     >>> from saal_lightning import AcquisitionCallback
@@ -298,9 +301,15 @@ class SharpnessDiagnostics(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run's rows are the checkpoint's: the files say exactly that (a crash after writing a round's
-        # row but before its checkpoint leaves a row the resumed run recomputes).
-        if trainer.is_global_zero and self.rows:
+        # A resumed run's rows are the checkpoint's: the files say exactly that (a crash after writing a round's row
+        # but before its checkpoint leaves a row the resumed run recomputes; an earlier run's file in the folder
+        # describes another run).
+        if not trainer.is_global_zero or self.csv_path is None:
+            return
+        on_disk = [row["round"] for row in _read_csv(self.csv_path)] if self.csv_path.exists() else None
+        if on_disk is not None and on_disk != [str(row["round"]) for row in self.rows]:
+            log.warning("%s holds rounds %s, this run's state has %s: rewriting it from the state.", self.csv_path,
+                        on_disk, [row["round"] for row in self.rows])
             self._write()
 
     # ------------------------------------------------------------------ when a round is computed
@@ -351,7 +360,8 @@ class SharpnessDiagnostics(Callback):
                               for index, item in zip(indices.tolist(), items, strict=True))
         self._write()
         metrics = {f"diagnostics/{key}": float(value) for key, value in row.items()
-                   if key != "round" and isinstance(value, (int, float)) and math.isfinite(float(value))}
+                   if key not in ("round", "adaptive") and isinstance(value, (int, float))
+                   and math.isfinite(float(value))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -408,6 +418,11 @@ class SharpnessDiagnostics(Callback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
         self.item_rows = [dict(row) for row in state_dict.get("item_rows", [])]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _load(datamodule: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

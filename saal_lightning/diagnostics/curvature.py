@@ -18,9 +18,8 @@ exactly as it was).
 
 Example::
 
-    >>> from saal_lightning.models.backbones import build_backbone
-    >>> model = build_backbone("small_cnn", num_classes=4, in_channels=1)
-    >>> terms = bound_terms(model, torch.randn(2, 1, 8, 8), rho=0.05, iterations=5)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> terms = bound_terms(model, torch.randn(2, 4), rho=0.05, iterations=5)
     >>> terms.loss.shape, terms.gradient_term.shape, terms.curvature_term.shape
     (torch.Size([2]), torch.Size([2]), torch.Size([2]))
 """

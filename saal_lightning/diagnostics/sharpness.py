@@ -89,7 +89,7 @@ class Perturbation:
     @property
     def kept_fraction(self) -> float:
         """ψ(ρ): the fraction of items whose prediction the perturbation leaves unchanged."""
-        return float(self.kept.float().mean())
+        return float(self.kept.double().mean())
 
     @property
     def margins(self) -> torch.Tensor:

@@ -35,7 +35,8 @@ def plot_learning_curves(
     axes.set_ylabel("test accuracy")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.get_lines():  # a run without a test set has no accuracy to draw
+        axes.legend()
     figure.tight_layout()
     return _save(figure, plt, output)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -114,8 +115,8 @@ def test_the_diagnostics_change_nothing_the_run_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("save_on_train_epoch_end", [True, False], ids=["after-the-round", "before-the-round"])
-def test_a_resumed_run_has_each_round_once_with_the_uninterrupted_values(tmp_path: Path,
-                                                                         save_on_train_epoch_end: bool) -> None:
+def test_a_resumed_run_has_each_round_once_with_the_uninterrupted_values(tmp_path: Path, save_on_train_epoch_end: bool,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     # Saving on validation end writes a round's last checkpoint before the acquisition and the diagnostics ran:
     # the resumed run then acquires at its start, and the diagnostics follow there (on_train_start).
     def run(root: Path, ckpt_path: str | None = None, stop_after_epochs: int | None = None) -> SharpnessDiagnostics:
@@ -145,7 +146,9 @@ def test_a_resumed_run_has_each_round_once_with_the_uninterrupted_values(tmp_pat
     state = torch.load(checkpoint, weights_only=True)  # tensors and primitives only
     assert [r["round"] for r in state["callbacks"]["SharpnessDiagnostics"]["rows"]] == (
         [0] if save_on_train_epoch_end else [])
-    resumed = run(tmp_path / "run", ckpt_path=str(checkpoint))
+    with caplog.at_level(logging.WARNING, logger="saal_lightning.callbacks.sharpness_diagnostics"):
+        resumed = run(tmp_path / "run", ckpt_path=str(checkpoint))
+    assert "holds rounds ['0', '1'], this run's state has " in caplog.text  # the file follows the checkpoint
     rows = _check_run(tmp_path / "run", rounds=2)
     expected = _read(tmp_path / "full" / "diagnostics.csv")
     for got, want in zip(rows, expected, strict=True):
