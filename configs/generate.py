@@ -34,7 +34,8 @@ NUM_ROUNDS, EPOCHS_PER_ROUND = 100, 50
 SAAL_OPTIONS = "{rho: 0.05, adaptive: true, mode: max}"
 STRATEGIES = {
     # file name: the YAML value of acquisition.strategy
-    "saal_diverse": f"\n    class_path: saal_lightning.acquisition.strategies.SAALDiverse\n    init_args: {SAAL_OPTIONS}",
+    "saal_diverse": (f"\n    class_path: saal_lightning.acquisition.strategies.SAALDiverse"
+                     f"\n    init_args: {SAAL_OPTIONS}"),
     "saal": f"\n    class_path: saal_lightning.acquisition.strategies.SAAL\n    init_args: {SAAL_OPTIONS}",
     "random": " random",
     "entropy": " entropy",

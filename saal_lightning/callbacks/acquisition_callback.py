@@ -274,7 +274,8 @@ class AcquisitionCallback(Callback):
             raise MisconfigurationException(
                 f"Trainer(max_epochs={trainer.max_epochs}) conflicts with the AcquisitionCallback's rounds inside "
                 f"one fit, which train epochs_per_round={self.epochs_per_round} x (num_rounds={self.num_rounds} + 1) "
-                f"= {self.total_epochs} epochs. Pass Trainer(max_epochs={self.total_epochs}) (the callback's total_epochs), or use one round per fit "
+                f"= {self.total_epochs} epochs. Pass Trainer(max_epochs={self.total_epochs}) (the callback's "
+                "total_epochs), or use one round per fit "
                 "(epochs_per_round=None) with max_epochs as each round's length."
             )
         if trainer.max_epochs != self.total_epochs:
