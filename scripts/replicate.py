@@ -18,7 +18,8 @@ gradient space weighted by the score instead of the authors' 1-D seeding on the 
 The table reports, like the paper, the mean and standard deviation over seeds of the best test accuracy over the
 rounds (``best_test_acc``), next to the final round's accuracy, the paper's Table-1 number for the same row
 (its ``SAAL`` row is ``saal_diverse``: the authors' released command) and the mean training and acquisition
-seconds per round (the paper's Figure 2). ``learning_curves.png`` and ``round_times.png`` are drawn beside it.
+seconds per round (the paper's Figure 2). ``summary.csv``, ``summary.md`` (a Markdown table),
+``learning_curves.png`` and ``round_times.png`` are written beside the runs.
 """
 
 from __future__ import annotations
@@ -199,16 +200,21 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(out: Path, dataset: str) -> list[dict[str, object]]:
-    """One row per run name found under ``out/<dataset>``: mean/std over its seeds, as in Table 1."""
+    """One row per run name found under ``out/<dataset>``: mean/std over its finished seeds, as in Table 1.
+
+    Unfinished runs (no ``replicate.json`` yet) are left out, never averaged in with fewer rounds; they are named
+    in the ``unfinished`` column.
+    """
     groups: dict[str, list[list[dict[str, str]]]] = {}
     records: dict[str, dict[str, str]] = {}
+    unfinished: dict[str, list[str]] = {}
     for csv_path in sorted((out / dataset).glob("*/seed*/rounds.csv")):
-        rows = read_rounds_csv(csv_path)
-        if rows:
-            groups.setdefault(csv_path.parent.parent.name, []).append(rows)
-        record = csv_path.parent / RECORD
-        if record.exists():
-            records[csv_path.parent.parent.name] = json.loads(record.read_text())
+        name, record = csv_path.parent.parent.name, csv_path.parent / RECORD
+        if not record.exists():
+            unfinished.setdefault(name, []).append(csv_path.parent.name)
+            continue
+        records[name] = json.loads(record.read_text())
+        groups.setdefault(name, []).append(read_rounds_csv(csv_path))
     summary = []
     for name, runs in groups.items():
         best_mean, best_std = _mean_std([100 * max(float(r["best_test_acc"]) for r in rows) for rows in runs])
@@ -226,12 +232,13 @@ def summarize(out: Path, dataset: str) -> list[dict[str, object]]:
             "paper_table1": paper if not record.get("tag") else "",
             "train_seconds": statistics.mean(training) if training else 0.0,
             "acquisition_seconds": statistics.mean(acquisition) if acquisition else 0.0,
+            "unfinished": " ".join(unfinished.get(name, [])),
         })
     return summary
 
 
 SUMMARY_COLUMNS = ("run", "seeds", "rounds", "best_mean", "best_std", "final_mean", "final_std", "paper_table1",
-                   "train_seconds", "acquisition_seconds")
+                   "train_seconds", "acquisition_seconds", "unfinished")
 
 
 def print_summary(summary: list[dict[str, object]], dataset: str, out: Path) -> None:
@@ -240,16 +247,24 @@ def print_summary(summary: list[dict[str, object]], dataset: str, out: Path) -> 
     for column in ("run", "seeds", "rounds", "best", "final", "paper Table 1", "train s/round", "acq. s/round"):
         table.add_column(column, justify="left" if column == "run" else "right")
     lines = [",".join(SUMMARY_COLUMNS)]
+    markdown = ["| run | seeds | rounds | best acc % | final acc % | paper Table 1 | train s/round | acq. s/round |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in summary:
+        markdown.append(f"| `{row['run']}` | {row['seeds']} | {row['rounds']} | {row['best_mean']:.1f} ± "
+                        f"{row['best_std']:.1f} | {row['final_mean']:.1f} ± {row['final_std']:.1f} | "
+                        f"{row['paper_table1'] or '—'} | {row['train_seconds']:.1f} | "
+                        f"{row['acquisition_seconds']:.2f} |")
         table.add_row(str(row["run"]), str(row["seeds"]), str(row["rounds"]),
                       f"{row['best_mean']:.1f} ± {row['best_std']:.1f}",
                       f"{row['final_mean']:.1f} ± {row['final_std']:.1f}", str(row["paper_table1"]),
                       f"{row['train_seconds']:.1f}", f"{row['acquisition_seconds']:.2f}")
         lines.append(",".join(str(row[k]) for k in SUMMARY_COLUMNS))
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     folder = out / dataset
     atomic_write_text(folder / "summary.csv", "\n".join(lines) + "\n")
-    curves = {name: [read_rounds_csv(path) for path in sorted((folder / name).glob("seed*/rounds.csv"))]
+    atomic_write_text(folder / "summary.md", "\n".join(markdown) + "\n")  # the README's table, pasted as is
+    curves = {name: [read_rounds_csv(path) for path in sorted((folder / name).glob("seed*/rounds.csv"))
+                     if (path.parent / RECORD).exists()]
               for name in (str(row["run"]) for row in summary)}
     plot_mean_learning_curves(curves, folder / "learning_curves.png", title=f"{dataset}: mean ± std over seeds")
     plot_round_times({str(row["run"]): (float(row["train_seconds"]), float(row["acquisition_seconds"]))  # type: ignore[arg-type]
