@@ -87,7 +87,10 @@ def vmap_losses(model: nn.Module, x: torch.Tensor, rho: float, adaptive: bool) -
     trainable, fixed = _split_state(model)
     scale = rho / (_global_norm(grads, trainable, adaptive) + DENOMINATOR_EPS)
     # Turn each gradient into the perturbed weights in place, so only one per-sample copy of the model is alive.
-    for name, g in grads.items():
+    for name in grads:
+        # A parameter the loss does not reach (a layer run under no_grad) gets expanded zeros, which share memory
+        # and cannot be written in place: those are copied (contiguous() returns every other gradient as it is).
+        g = grads[name] = grads[name].contiguous()
         w = trainable[name]
         g.mul_(scale.view(-1, *[1] * w.ndim))
         if adaptive:

@@ -103,9 +103,10 @@ MemoryFn = Callable[..., int]  # (model, probe, adaptive=...) -> bytes per item
 # method="vmap" over method="hooks": ResNet-18, 256 items at 28 px (README table, 2026-11-25): 52.6 / 14.4 ms (plain
 # ball) and 63.5 / 28.5 ms (adaptive), where the fallback was slower than the one-item-at-a-time loop (0.79x);
 # small CNN (same table): 0.19 / 0.18 and 0.20 / 0.16 ms; the tiny BERT-style encoder of benchmarks/bert_like.py
-# (2 layers, width 64, 32 tokens, 256 items; 2026-12-01, best of 5 interleaved runs on a loaded VM): 4.94 / 5.00 ms
-# (plain) and 5.14 / 3.80 ms (adaptive). (A real Hugging Face BertForSequenceClassification cannot take the
-# fallback at all: vmap refuses its mask helpers' data-dependent branches.)
+# (2 layers, width 64, 32 tokens, 256 items; 2026-12-01, best of 5 interleaved runs on the shared VM): 2.62 / 2.30 ms
+# (plain) and 2.96 / 2.57 ms (adaptive), and 4.94 / 5.00 and 5.14 / 3.80 ms while the VM was more loaded. (A real
+# Hugging Face BertForSequenceClassification cannot take the fallback at all: vmap refuses the data-dependent
+# branches of its mask helpers, transformers 5.24.)
 FALLBACK_MEASURED = ("measured 2.2-3.7x the hook engine's time per item on ResNet-18, where it was slower than scoring "
                      "one item at a time, and 1.0-1.4x on a small CNN and a tiny BERT-style encoder (CPU, "
                      "benchmarks/acquisition.py)")

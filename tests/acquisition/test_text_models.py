@@ -187,3 +187,31 @@ def test_embedding_with_max_norm_is_not_a_known_layer():
     model = nn.Sequential(nn.Embedding(6, 4, max_norm=1.0), nn.Flatten(), nn.Linear(8, 3)).to(DTYPE)
     problems = hooks_problems(model)
     assert problems == ["0 (Embedding) is an nn.Embedding with max_norm, scale_grad_by_freq or a custom forward"]
+
+
+class FrozenBranch(nn.Module):
+    """A known layer with trainable weights run under torch.no_grad inside the model (a frozen feature branch): no
+    gradient reaches its weights, so its step is zero, as autograd and torch.func give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = nn.Embedding(9, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.words(ids)
+        with torch.no_grad():
+            context = self.frozen(tokens)
+        return self.head(torch.tanh(tokens + context).mean(1))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_a_known_layer_run_under_no_grad_gets_no_step(adaptive):
+    torch.manual_seed(0)
+    model = FrozenBranch().to(DTYPE).eval()
+    ids = torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(1))
+    expected = saal_scores(model, ids, rho=RHO[adaptive], adaptive=adaptive, mode="diff", method="vmap")
+    assert (expected.abs() > 1e-3).all()
+    _close(saal_scores(model, ids, rho=RHO[adaptive], adaptive=adaptive, mode="diff", method="hooks"), expected,
+           rtol=1e-10)
