@@ -53,8 +53,11 @@ def plan(out: Path, seeds: Sequence[int], factor_seeds: Sequence[int]) -> list[r
     """The preset's runs, then each factor's, in priority order."""
     preset = replicate.PRESETS["cpu"]
     overrides: list[str] = list(preset["overrides"])  # type: ignore[call-overload]
+    # The preset's rows, the paper's SAAL row and its baseline first, so that an interrupted study has them.
+    order = ["random", "saal_diverse", "saal", "entropy", "badge", "saal_diverse_gradient"]
+    assert sorted(order) == sorted(preset["strategies"])  # type: ignore[arg-type]
     runs = [replicate.plan_run("fashion_mnist", strategy, "adam", seed, out, overrides)
-            for strategy in preset["strategies"] for seed in seeds]  # type: ignore[attr-defined]
+            for strategy in order for seed in seeds]
     # The smallest model first, with every seed; then the scoring factors (cheap to test, closest to the paper's
     # claim) and the middle width; then the training factors; every factor on two seeds before any gets its
     # third, so that an interrupted study has compared as many factors as possible.

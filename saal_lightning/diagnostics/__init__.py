@@ -3,7 +3,7 @@
 * :mod:`~saal_lightning.diagnostics.sharpness`: maximally perturbed losses with any labels (Figure 3), ψ(ρ), the
   margin δ_x of Theorem 3.1 and the relative margin (Figure 4);
 * :mod:`~saal_lightning.diagnostics.curvature`: Theorem 3.3's bound terms, with per-item gradient norms and the top
-  Hessian eigenvalue by power iteration on Hessian-vector products (Figure 1);
+  Hessian eigenvalue by Lanczos iteration on Hessian-vector products (Figure 1);
 * :mod:`~saal_lightning.diagnostics.rank_correlation`: Spearman's rank correlation (ties averaged).
 
 :class:`~saal_lightning.callbacks.sharpness_diagnostics.SharpnessDiagnostics` logs them every round of a run.

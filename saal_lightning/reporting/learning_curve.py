@@ -47,7 +47,7 @@ def mean_learning_curve(runs: Sequence[Sequence[Mapping[str, object]]]) -> list[
     Example::
 
         >>> mean_learning_curve([[{"num_labeled": 20, "test_acc": 0.4}], [{"num_labeled": 20, "test_acc": 0.6}]])
-        [(20, 0.5, 0.1, 2)]
+        [(20, 0.5, 0.141421356237, 2)]
     """
     by_count: dict[int, list[float]] = {}
     for rows in runs:
