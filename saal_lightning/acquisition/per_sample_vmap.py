@@ -25,6 +25,7 @@ from saal_lightning.acquisition.scoring_common import (
     activation_numel_per_sample,
     check_logits,
     element_size,
+    perturb_in_place,
 )
 
 
@@ -86,16 +87,7 @@ def vmap_losses(model: nn.Module, x: torch.Tensor, rho: float, adaptive: bool) -
     grads, clean, pseudo = _per_sample_grads(model, x)
     trainable, fixed = _split_state(model)
     scale = rho / (_global_norm(grads, trainable, adaptive) + DENOMINATOR_EPS)
-    # Turn each gradient into the perturbed weights in place, so only one per-sample copy of the model is alive.
-    for name in grads:
-        # A parameter the loss does not reach (a layer run under no_grad) gets expanded zeros, which share memory
-        # and cannot be written in place: those are copied (contiguous() returns every other gradient as it is).
-        g = grads[name] = grads[name].contiguous()
-        w = trainable[name]
-        g.mul_(scale.view(-1, *[1] * w.ndim))
-        if adaptive:
-            g.mul_(w.square())
-        g.add_(w)
+    perturb_in_place(grads, trainable, scale, adaptive)
     with torch.no_grad():
         perturbed, _ = vmap(_per_sample_loss(model, fixed))(grads, x, pseudo)
     return clean, perturbed

@@ -74,6 +74,7 @@ from saal_lightning.acquisition.per_sample_hooks import (
 )
 from saal_lightning.acquisition.per_sample_vmap import vmap_bytes_per_sample, vmap_losses, vmap_norms
 from saal_lightning.acquisition.scoring_approximations import last_layer_bytes_per_sample, last_layer_losses
+from saal_lightning.acquisition.scoring_common import check_model_and_inputs
 from saal_lightning.option_checks import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -177,12 +178,7 @@ def validate_scoring_options(rho: object, adaptive: object, mode: object, chunk_
 
 def _validate(model: object, inputs: object, rho: object, adaptive: object, mode: object, chunk_size: object,
               method: object, max_memory: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must hold at least one item along dim 0, got shape {tuple(inputs.shape)}")
+    model, inputs = check_model_and_inputs(model, inputs)
     validate_scoring_options(rho, adaptive, mode, chunk_size, method, max_memory)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters to perturb")

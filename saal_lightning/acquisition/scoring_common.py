@@ -69,3 +69,33 @@ def probe_leaf_calls(model: nn.Module, probe: torch.Tensor) -> list[LeafCall]:
 def activation_numel_per_sample(model: nn.Module, probe: torch.Tensor) -> int:
     """Elements of all leaf-module outputs for one item: a proxy for what autograd keeps alive per sample."""
     return sum(call.output_shape.numel() for call in probe_leaf_calls(model, probe))
+
+
+def check_model_and_inputs(model: object, inputs: object) -> tuple[nn.Module, torch.Tensor]:
+    """Refuse a non-module model and inputs that are not a tensor of at least one item along dim 0; return both."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must hold at least one item along dim 0, got shape {tuple(inputs.shape)}")
+    return model, inputs
+
+
+def perturb_in_place(
+    grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], scale: torch.Tensor, adaptive: bool
+) -> dict[str, torch.Tensor]:
+    """Turn per-item gradients ``[B, *w.shape]`` into per-item perturbed weights ``w + scale_i (w^2 if adaptive) g_i``.
+
+    In place, so that only one per-item copy of the model is alive. A parameter the loss does not reach (a layer
+    run under no_grad) gets expanded zeros from ``torch.func``, which share memory and cannot be written in place:
+    those are copied (``contiguous()`` returns every other gradient as it is).
+    """
+    for name in list(grads):
+        g = grads[name] = grads[name].contiguous()
+        w = weights[name]
+        g.mul_(scale.view(-1, *[1] * w.ndim))
+        if adaptive:
+            g.mul_(w.square())
+        g.add_(w)
+    return grads

@@ -17,7 +17,12 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from saal_lightning.acquisition.saal_score import DEFAULT_MAX_MEMORY
-from saal_lightning.acquisition.scoring_common import activation_numel_per_sample, check_logits, element_size
+from saal_lightning.acquisition.scoring_common import (
+    activation_numel_per_sample,
+    check_logits,
+    check_model_and_inputs,
+    element_size,
+)
 
 Params = dict[str, torch.Tensor]
 
@@ -70,12 +75,7 @@ def item_loss(model: nn.Module, fixed: Params) -> Callable[[Params, torch.Tensor
 
 def check_batch(model: nn.Module, inputs: object, targets: object) -> None:
     """Raise for a non-module, non-tensor inputs, no items, or targets that are not one class index per item."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must hold at least one item along dim 0, got shape {tuple(inputs.shape)}")
+    model, inputs = check_model_and_inputs(model, inputs)
     if targets is None:
         return
     if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:

@@ -44,7 +44,7 @@ from torch.func import grad, vmap
 from torch.nn import functional as F
 
 from saal_lightning.acquisition.saal_score import saal_scores, validate_scoring_options
-from saal_lightning.acquisition.scoring_common import DENOMINATOR_EPS
+from saal_lightning.acquisition.scoring_common import DENOMINATOR_EPS, perturb_in_place
 from saal_lightning.diagnostics._functional import (
     autograd_input,
     check_batch,
@@ -111,13 +111,7 @@ def _perturb_chunk(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | No
     clean_logits, labels = logits_and_targets(model, x, targets)
     grads = vmap(grad(item_loss(model, fixed)), in_dims=(None, 0, 0))(trainable, x, labels)
     scale = rho / (global_norm(grads, trainable, adaptive) + DENOMINATOR_EPS)
-    # Each gradient becomes that item's perturbed weights in place: one per-item copy of the model is alive.
-    for name, g in grads.items():
-        w = trainable[name]
-        g.mul_(scale.view(-1, *[1] * w.ndim))
-        if adaptive:
-            g.mul_(w.square())
-        g.add_(w)
+    perturb_in_place(grads, trainable, scale, adaptive)
     with torch.no_grad():
         perturbed_logits = vmap(item_logits(model, fixed))(grads, x)
     return Perturbation(

@@ -74,20 +74,21 @@ class SmallImageResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """A 3x3 convolution (no bias: BatchNorm follows), BatchNorm and ReLU, as a flat list of modules, so that the
+    ``features`` of the CNNs below keep their flat, index-named layout (``features.0.weight``, ...)."""
+    return [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU()]
+
+
 class SmallCNN(nn.Module):
     """Two conv+BN blocks and two linear layers: a fast model for CPU runs and tests."""
 
     def __init__(self, num_classes: int, in_channels: int, width: int = 16, hidden: int = 64) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
+            *conv_bn_relu(in_channels, width), nn.MaxPool2d(2),
+            *conv_bn_relu(width, 2 * width), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
         )
         self.hidden = nn.Linear(2 * width * 16, hidden)
@@ -110,14 +111,8 @@ class WideCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *conv_bn_relu(in_channels, width), nn.MaxPool2d(2),
+            *conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),
             nn.Flatten(),
         )
         self.hidden = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
