@@ -90,7 +90,8 @@ def plot_mean_learning_curves(
     axes.set_ylabel("test accuracy")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if axes.get_lines():  # no finished run yet: an empty frame, not a warning
+        axes.legend(fontsize=8)
     figure.tight_layout()
     return _save(figure, plt, output)
 
