@@ -25,6 +25,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from saal_lightning.reporting import read_rounds_csv  # noqa: E402
+from saal_lightning.reporting.atomic_file import atomic_write_text  # noqa: E402
 
 
 def _wide_cnn(width: int) -> list[str]:
@@ -104,6 +105,18 @@ def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
     return rows
 
 
+def comparison_markdown(rows: list[dict[str, object]]) -> str:
+    """The comparison as a Markdown table (``study.md``, pasted into the README as is)."""
+    lines = ["| factor | change | seeds | SAAL div. best | random best | gap best | SAAL div. final | random final "
+             "| gap final |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| `{row['factor']}` | {row['change']} | {row['seeds']} | {row['saal_best']:.1f} | "
+                     f"{row['random_best']:.1f} | {row['gap_best']:+.1f} ± {row['gap_best_std']:.1f} | "
+                     f"{row['saal_final']:.1f} | {row['random_final']:.1f} | "
+                     f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_comparison(rows: list[dict[str, object]]) -> None:
     table = Table(title="SAAL with diversity minus random, accuracy points (mean ± std of the per-seed gap)")
     for column in ("factor", "change", "seeds", "saal best", "random best", "gap best", "saal final",
@@ -130,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out.resolve()
     code = 0 if args.summarize_only else replicate.execute_all(plan(out, args.seeds, args.factor_seeds), args.jobs)
     replicate.print_summary(replicate.summarize(out, "fashion_mnist"), "fashion_mnist", out)
-    print_comparison(compare(out, args.seeds))
+    rows = compare(out, args.seeds)
+    print_comparison(rows)
+    atomic_write_text(out / "fashion_mnist" / "study.md", comparison_markdown(rows))
     return code
 
 
