@@ -1,7 +1,10 @@
 """Which protocol choices move SAAL with diversity against random sampling at CPU scale, one at a time.
 
     .venv/bin/python scripts/protocol_study.py --jobs 2             # the cpu preset's table first, then the factors
-    .venv/bin/python scripts/protocol_study.py --summarize-only     # the comparison table from finished runs
+    .venv/bin/python scripts/protocol_study.py --summarize-only     # the comparison from finished runs
+
+It writes ``study.md`` (the per-seed gaps) and ``study_curves.png`` (a panel per factor, its SAAL-with-diversity
+and random learning curves) beside the runs.
 
 The baseline is ``scripts/replicate.py --preset cpu`` (wide_cnn, 30 rounds of 20 epochs, 2,000-item pools, the
 adaptive ball, ``mode: max``, weights restarted every round). Each factor changes one of these for
@@ -26,6 +29,7 @@ from rich.table import Table  # noqa: E402
 
 from saal_lightning.reporting import read_rounds_csv  # noqa: E402
 from saal_lightning.reporting.atomic_file import atomic_write_text  # noqa: E402
+from saal_lightning.reporting.learning_curve import plot_mean_learning_curve_panels  # noqa: E402
 
 
 def _wide_cnn(width: int) -> list[str]:
@@ -81,19 +85,29 @@ def _best_and_final(folder: Path, seed: int) -> tuple[float, float] | None:
     return 100 * max(float(r["best_test_acc"]) for r in rows), 100 * float(rows[-1]["test_acc"])
 
 
-def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
-    """Per factor: SAAL-with-diversity and random (the factor's, or the baseline's), mean over finished seeds."""
+def _compared_folders(out: Path) -> dict[str, tuple[str, Path, Path]]:
+    """Per factor (``baseline`` first): what it changes, its SAAL-with-diversity folder and its random folder.
+
+    A factor that runs random sampling too is compared with its own random runs, any other with the baseline's.
+    """
     base = out / "fashion_mnist"
-    rows = []
+    folders = {}
     for tag, (change, strategies, _) in {"": BASELINE, **FACTORS}.items():
         suffix = f"_{tag}" if tag else ""
-        random_folder = base / f"random_adam{suffix if 'random' in strategies else ''}"
-        saal_folder = base / f"saal_diverse_adam{suffix}"
+        folders[tag or "baseline"] = (change, base / f"saal_diverse_adam{suffix}",
+                                      base / f"random_adam{suffix if 'random' in strategies else ''}")
+    return folders
+
+
+def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
+    """Per factor: SAAL-with-diversity and random (the factor's, or the baseline's), mean over finished seeds."""
+    rows = []
+    for factor, (change, saal_folder, random_folder) in _compared_folders(out).items():
         pairs = [(s, _best_and_final(saal_folder, s), _best_and_final(random_folder, s)) for s in seeds]
         done = [(saal, rand) for _, saal, rand in pairs if saal is not None and rand is not None]
         if not done:
             continue
-        row: dict[str, object] = {"factor": tag or "baseline", "change": change, "seeds": len(done)}
+        row: dict[str, object] = {"factor": factor, "change": change, "seeds": len(done)}
         for position, measure in enumerate(("best", "final")):
             saal_values = [saal[position] for saal, _ in done]
             gaps = [saal[position] - rand[position] for saal, rand in done]
@@ -103,6 +117,18 @@ def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
             row[f"gap_{measure}_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def study_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, list[list[dict[str, str]]]]]:
+    """Per compared factor, its panel of ``study_curves.png``: the rounds of the seeds the table compares."""
+    panels = {}
+    for factor, (change, saal_folder, random_folder) in _compared_folders(out).items():
+        both = [s for s in seeds if _best_and_final(saal_folder, s) and _best_and_final(random_folder, s)]
+        if both:
+            panels[f"{factor}: {change}"] = {
+                name: [read_rounds_csv(folder / f"seed{s}" / "rounds.csv") for s in both]
+                for name, folder in (("saal_diverse", saal_folder), ("random", random_folder))}
+    return panels
 
 
 def comparison_markdown(rows: list[dict[str, object]]) -> str:
@@ -146,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = compare(out, args.seeds)
     print_comparison(rows)
     atomic_write_text(out / "fashion_mnist" / "study.md", comparison_markdown(rows))
+    panels = study_curves(out, args.seeds)
+    if panels:
+        plot_mean_learning_curve_panels(panels, out / "fashion_mnist" / "study_curves.png")
     return code
 
 

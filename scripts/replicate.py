@@ -225,6 +225,7 @@ def summarize(out: Path, dataset: str) -> list[dict[str, object]]:
         paper = PAPER_TABLE1.get((dataset, record.get("optimizer", "")), {}).get(record.get("strategy", ""), "")
         summary.append({
             "run": name,
+            "tag": record.get("tag", ""),
             "seeds": len(runs),
             "rounds": min(len(rows) for rows in runs),
             "best_mean": best_mean, "best_std": best_std,
@@ -241,8 +242,12 @@ SUMMARY_COLUMNS = ("run", "seeds", "rounds", "best_mean", "best_std", "final_mea
                    "train_seconds", "acquisition_seconds", "unfinished")
 
 
-def print_summary(summary: list[dict[str, object]], dataset: str, out: Path) -> None:
-    """Print the table, write ``summary.csv`` and the two figures under ``out/<dataset>``."""
+def print_summary(summary: list[dict[str, object]], dataset: str, out: Path, figure_tag: str = "") -> None:
+    """Print the table, write ``summary.csv`` and the two figures under ``out/<dataset>``.
+
+    The table has every run; the figures only the runs with ``figure_tag`` (by default the untagged ones), so
+    that a study's variants beside the preset's runs do not bury its six curves.
+    """
     table = Table(title=f"{dataset}: test accuracy % (mean ± std over seeds)")
     for column in ("run", "seeds", "rounds", "best", "final", "paper Table 1", "train s/round", "acq. s/round"):
         table.add_column(column, justify="left" if column == "run" else "right")
@@ -263,12 +268,17 @@ def print_summary(summary: list[dict[str, object]], dataset: str, out: Path) -> 
     folder = out / dataset
     atomic_write_text(folder / "summary.csv", "\n".join(lines) + "\n")
     atomic_write_text(folder / "summary.md", "\n".join(markdown) + "\n")  # the README's table, pasted as is
-    curves = {name: [read_rounds_csv(path) for path in sorted((folder / name).glob("seed*/rounds.csv"))
-                     if (path.parent / RECORD).exists()]
-              for name in (str(row["run"]) for row in summary)}
+    drawn = [row for row in summary if row["tag"] == figure_tag]
+    curves = {str(row["run"]): finished_rounds(folder / str(row["run"])) for row in drawn}
     plot_mean_learning_curves(curves, folder / "learning_curves.png", title=f"{dataset}: mean ± std over seeds")
     plot_round_times({str(row["run"]): (float(row["train_seconds"]), float(row["acquisition_seconds"]))  # type: ignore[arg-type]
-                      for row in summary}, folder / "round_times.png")
+                      for row in drawn}, folder / "round_times.png")
+
+
+def finished_rounds(run_folder: Path) -> list[list[dict[str, str]]]:
+    """The ``rounds.csv`` rows of each finished seed under one run's folder (unfinished seeds are left out)."""
+    return [read_rounds_csv(path) for path in sorted(run_folder.glob("seed*/rounds.csv"))
+            if (path.parent / RECORD).exists()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("saal " + " ".join(run.arguments))
         return 0
     code = 0 if args.summarize_only else execute_all(runs, args.jobs)
-    print_summary(summarize(out, args.dataset), args.dataset, out)
+    print_summary(summarize(out, args.dataset), args.dataset, out, figure_tag=args.tag)
     return code
 
 

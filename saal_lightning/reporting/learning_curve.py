@@ -71,12 +71,46 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
-def plot_mean_learning_curves(
-    curves: Mapping[str, Sequence[Sequence[Mapping[str, object]]]], output: str | os.PathLike, title: str
-) -> Path:
+RunsByName = Mapping[str, Sequence[Sequence[Mapping[str, object]]]]
+
+
+def plot_mean_learning_curves(curves: RunsByName, output: str | os.PathLike, title: str) -> Path:
     """One line per name: the mean test accuracy over its runs (seeds), with a band of ± one standard deviation."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    _draw_mean_curves(axes, curves, title)
+    figure.tight_layout()
+    return _save(figure, plt, output)
+
+
+def plot_mean_learning_curve_panels(panels: Mapping[str, RunsByName], output: str | os.PathLike,
+                                    columns: int = 3) -> Path:
+    """One panel per title, each drawn as :func:`plot_mean_learning_curves` draws its one; panels share the axes.
+
+    Example: a study's factors side by side, each panel its SAAL and random runs::
+
+        >>> panels = {"baseline": {"saal": [rows_seed1, rows_seed2]}, "small model": {"saal": [rows_seed3]}}
+        >>> path = plot_mean_learning_curve_panels(panels, "study.png")  # doctest: +SKIP
+    """
+    if not panels:
+        raise ValueError("plot_mean_learning_curve_panels needs at least one panel")
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    plt = _pyplot()
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), sharex=True, sharey=True,
+                                squeeze=False)
+    cells = [axes for row in grid for axes in row]
+    for axes, (title, curves) in zip(cells, panels.items(), strict=False):
+        _draw_mean_curves(axes, curves, title)
+    for axes in cells[len(panels):]:
+        axes.set_visible(False)  # an incomplete last row: no empty frames
+    figure.tight_layout()
+    return _save(figure, plt, output)
+
+
+def _draw_mean_curves(axes, curves: RunsByName, title: str) -> None:  # noqa: ANN001 - matplotlib's Axes
     for name, runs in curves.items():
         points = mean_learning_curve(runs)
         if not points:
@@ -88,12 +122,10 @@ def plot_mean_learning_curves(
         axes.fill_between(counts, lower, upper, color=line.get_color(), alpha=0.15, linewidth=0)
     axes.set_xlabel("number of labeled items")
     axes.set_ylabel("test accuracy")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     if axes.get_lines():  # no finished run yet: an empty frame, not a warning
         axes.legend(fontsize=8)
-    figure.tight_layout()
-    return _save(figure, plt, output)
 
 
 def plot_round_times(times: Mapping[str, tuple[float, float]], output: str | os.PathLike) -> Path:
