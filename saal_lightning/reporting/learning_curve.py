@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def plot_mean_learning_curve_panels(panels: Mapping[str, RunsByName], output: st
                                 squeeze=False)
     cells = [axes for row in grid for axes in row]
     for axes, (title, curves) in zip(cells, panels.items(), strict=False):
-        _draw_mean_curves(axes, curves, title)
+        _draw_mean_curves(axes, curves, textwrap.fill(title, 48))  # long titles wrap instead of overlapping
+        axes.label_outer()  # the shared axes are labeled once, on the outer panels
     for axes in cells[len(panels):]:
         axes.set_visible(False)  # an incomplete last row: no empty frames
     figure.tight_layout()
