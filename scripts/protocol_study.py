@@ -115,6 +115,7 @@ def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
             row[f"random_{measure}"] = statistics.mean(rand[position] for _, rand in done)
             row[f"gap_{measure}"] = statistics.mean(gaps)
             row[f"gap_{measure}_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+            row[f"ahead_{measure}"] = sum(gap > 0 for gap in gaps)  # seeds on which SAAL is strictly ahead
         rows.append(row)
     return rows
 
@@ -134,26 +135,29 @@ def study_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, list[li
 def comparison_markdown(rows: list[dict[str, object]]) -> str:
     """The comparison as a Markdown table (``study.md``, pasted into the README as is)."""
     lines = ["| factor | change | seeds | SAAL div. best | random best | gap best | SAAL div. final | random final "
-             "| gap final |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| gap final | seeds SAAL ahead (best, final) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| `{row['factor']}` | {row['change']} | {row['seeds']} | {row['saal_best']:.1f} | "
+        change = str(row["change"]).replace("|", "\\|")  # the paper's ||g|| would split the cell
+        lines.append(f"| `{row['factor']}` | {change} | {row['seeds']} | {row['saal_best']:.1f} | "
                      f"{row['random_best']:.1f} | {row['gap_best']:+.1f} ± {row['gap_best_std']:.1f} | "
                      f"{row['saal_final']:.1f} | {row['random_final']:.1f} | "
-                     f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f} |")
+                     f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f} | "
+                     f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']} |")
     return "\n".join(lines) + "\n"
 
 
 def print_comparison(rows: list[dict[str, object]]) -> None:
     table = Table(title="SAAL with diversity minus random, accuracy points (mean ± std of the per-seed gap)")
     for column in ("factor", "change", "seeds", "saal best", "random best", "gap best", "saal final",
-                   "random final", "gap final"):
+                   "random final", "gap final", "saal ahead"):
         table.add_column(column, justify="left" if column in ("factor", "change") else "right")
     for row in rows:
         table.add_row(str(row["factor"]), str(row["change"]), str(row["seeds"]),
                       *(f"{row[k]:.1f}" for k in ("saal_best", "random_best")),
                       f"{row['gap_best']:+.1f} ± {row['gap_best_std']:.1f}",
                       *(f"{row[k]:.1f}" for k in ("saal_final", "random_final")),
-                      f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f}")
+                      f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f}",
+                      f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']}")
     Console(width=200).print(table)
 
 

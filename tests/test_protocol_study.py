@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -52,8 +53,15 @@ def test_factors_are_compared_seed_by_seed_with_the_right_random_runs(tmp_path: 
     assert baseline["gap_final"] == pytest.approx(((80 - 70) + (60 - 65)) / 2)
     assert rows["paper_ball"]["seeds"] == 1 and rows["paper_ball"]["gap_best"] == pytest.approx(75 - 70)
     assert rows["warm_start"]["gap_final"] == pytest.approx(60 - 55)
+    # Seeds on which SAAL is strictly ahead: best 80 > 70 and 70 > 65; final 80 > 70 but 60 < 65.
+    assert (baseline["ahead_best"], baseline["ahead_final"]) == (2, 1)
     markdown = protocol_study.comparison_markdown(list(rows.values()))
-    assert "| `paper_ball` |" in markdown and "+5.0 ± 0.0" in markdown
+    assert "| `paper_ball` |" in markdown and "+5.0 ± 0.0" in markdown and "| 2/2, 1/2 |" in markdown
+    # Every row has as many cells as the header, even the paper's ball, whose description has ||g|| in it.
+    lines = markdown.splitlines()
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in lines]
+    assert len(set(cells)) == 1, lines
+    assert "g/\\|\\|g\\|\\|" in markdown
 
 
 def test_the_plan_runs_the_preset_first_then_one_change_at_a_time(tmp_path: Path) -> None:
