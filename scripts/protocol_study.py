@@ -99,23 +99,35 @@ def _compared_folders(out: Path) -> dict[str, tuple[str, Path, Path]]:
     return folders
 
 
+def _gaps_by_seed(saal_folder: Path, random_folder: Path, seeds: Sequence[int]) -> dict[int, tuple[tuple, tuple]]:
+    """``{seed: ((saal best, saal final), (random best, random final))}`` for the seeds both runs finished."""
+    pairs = {seed: (_best_and_final(saal_folder, seed), _best_and_final(random_folder, seed)) for seed in seeds}
+    return {seed: (saal, rand) for seed, (saal, rand) in pairs.items() if saal is not None and rand is not None}
+
+
 def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
-    """Per factor: SAAL-with-diversity and random (the factor's, or the baseline's), mean over finished seeds."""
+    """Per factor: SAAL-with-diversity and random (the factor's, or the baseline's), mean over finished seeds.
+
+    ``baseline_gap_best`` is the baseline's best-accuracy gap on the same seeds as the factor's, so that a factor
+    with fewer finished seeds is compared with the baseline on those seeds, not on all of them.
+    """
+    folders = _compared_folders(out)
+    baseline = _gaps_by_seed(*folders["baseline"][1:], seeds)
     rows = []
-    for factor, (change, saal_folder, random_folder) in _compared_folders(out).items():
-        pairs = [(s, _best_and_final(saal_folder, s), _best_and_final(random_folder, s)) for s in seeds]
-        done = [(saal, rand) for _, saal, rand in pairs if saal is not None and rand is not None]
+    for factor, (change, saal_folder, random_folder) in folders.items():
+        done = _gaps_by_seed(saal_folder, random_folder, seeds)
         if not done:
             continue
         row: dict[str, object] = {"factor": factor, "change": change, "seeds": len(done)}
         for position, measure in enumerate(("best", "final")):
-            saal_values = [saal[position] for saal, _ in done]
-            gaps = [saal[position] - rand[position] for saal, rand in done]
-            row[f"saal_{measure}"] = statistics.mean(saal_values)
-            row[f"random_{measure}"] = statistics.mean(rand[position] for _, rand in done)
+            gaps = [saal[position] - rand[position] for saal, rand in done.values()]
+            row[f"saal_{measure}"] = statistics.mean(saal[position] for saal, _ in done.values())
+            row[f"random_{measure}"] = statistics.mean(rand[position] for _, rand in done.values())
             row[f"gap_{measure}"] = statistics.mean(gaps)
             row[f"gap_{measure}_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
             row[f"ahead_{measure}"] = sum(gap > 0 for gap in gaps)  # seeds on which SAAL is strictly ahead
+        same_seeds = [baseline[seed][0][0] - baseline[seed][1][0] for seed in done if seed in baseline]
+        row["baseline_gap_best"] = statistics.mean(same_seeds) if len(same_seeds) == len(done) else None
         rows.append(row)
     return rows
 
@@ -124,7 +136,7 @@ def study_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, list[li
     """Per compared factor, its panel of ``study_curves.png``: the rounds of the seeds the table compares."""
     panels = {}
     for factor, (change, saal_folder, random_folder) in _compared_folders(out).items():
-        both = [s for s in seeds if _best_and_final(saal_folder, s) and _best_and_final(random_folder, s)]
+        both = list(_gaps_by_seed(saal_folder, random_folder, seeds))
         if both:
             panels[f"{factor}: {change}"] = {
                 name: [read_rounds_csv(folder / f"seed{s}" / "rounds.csv") for s in both]
@@ -135,21 +147,27 @@ def study_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, list[li
 def comparison_markdown(rows: list[dict[str, object]]) -> str:
     """The comparison as a Markdown table (``study.md``, pasted into the README as is)."""
     lines = ["| factor | change | seeds | SAAL div. best | random best | gap best | SAAL div. final | random final "
-             "| gap final | seeds SAAL ahead (best, final) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| gap final | seeds SAAL ahead (best, final) | baseline's gap best, same seeds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         change = str(row["change"]).replace("|", "\\|")  # the paper's ||g|| would split the cell
         lines.append(f"| `{row['factor']}` | {change} | {row['seeds']} | {row['saal_best']:.1f} | "
                      f"{row['random_best']:.1f} | {row['gap_best']:+.1f} ± {row['gap_best_std']:.1f} | "
                      f"{row['saal_final']:.1f} | {row['random_final']:.1f} | "
                      f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f} | "
-                     f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']} |")
+                     f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']} | "
+                     f"{_signed(row['baseline_gap_best'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: object) -> str:
+    return "—" if value is None else f"{value:+.1f}"
 
 
 def print_comparison(rows: list[dict[str, object]]) -> None:
     table = Table(title="SAAL with diversity minus random, accuracy points (mean ± std of the per-seed gap)")
     for column in ("factor", "change", "seeds", "saal best", "random best", "gap best", "saal final",
-                   "random final", "gap final", "saal ahead"):
+                   "random final", "gap final", "saal ahead", "baseline gap best"):
         table.add_column(column, justify="left" if column in ("factor", "change") else "right")
     for row in rows:
         table.add_row(str(row["factor"]), str(row["change"]), str(row["seeds"]),
@@ -157,7 +175,8 @@ def print_comparison(rows: list[dict[str, object]]) -> None:
                       f"{row['gap_best']:+.1f} ± {row['gap_best_std']:.1f}",
                       *(f"{row[k]:.1f}" for k in ("saal_final", "random_final")),
                       f"{row['gap_final']:+.1f} ± {row['gap_final_std']:.1f}",
-                      f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']}")
+                      f"{row['ahead_best']}/{row['seeds']}, {row['ahead_final']}/{row['seeds']}",
+                      _signed(row["baseline_gap_best"]))
     Console(width=200).print(table)
 
 

@@ -52,6 +52,9 @@ def test_factors_are_compared_seed_by_seed_with_the_right_random_runs(tmp_path: 
     assert baseline["gap_best"] == pytest.approx(((80 - 70) + (70 - 65)) / 2)
     assert baseline["gap_final"] == pytest.approx(((80 - 70) + (60 - 65)) / 2)
     assert rows["paper_ball"]["seeds"] == 1 and rows["paper_ball"]["gap_best"] == pytest.approx(75 - 70)
+    # The baseline on the factor's seeds: seed 1 only for paper_ball (80 - 70), both for itself.
+    assert rows["paper_ball"]["baseline_gap_best"] == pytest.approx(80 - 70)
+    assert baseline["baseline_gap_best"] == pytest.approx(baseline["gap_best"])
     assert rows["warm_start"]["gap_final"] == pytest.approx(60 - 55)
     # Seeds on which SAAL is strictly ahead: best 80 > 70 and 70 > 65; final 80 > 70 but 60 < 65.
     assert (baseline["ahead_best"], baseline["ahead_final"]) == (2, 1)
