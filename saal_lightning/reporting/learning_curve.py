@@ -90,8 +90,9 @@ def plot_mean_learning_curve_panels(panels: Mapping[str, RunsByName], output: st
 
     Example: a study's factors side by side, each panel its SAAL and random runs::
 
-        >>> panels = {"baseline": {"saal": [rows_seed1, rows_seed2]}, "small model": {"saal": [rows_seed3]}}
-        >>> path = plot_mean_learning_curve_panels(panels, "study.png")  # doctest: +SKIP
+        >>> rows = [{"num_labeled": 20, "test_acc": 0.4}, {"num_labeled": 30, "test_acc": 0.5}]
+        >>> panels = {"baseline": {"saal": [rows, rows]}, "small model": {"saal": [rows]}}
+        >>> path = plot_mean_learning_curve_panels(panels, tmp_path / "study.png")  # doctest: +SKIP
     """
     if not panels:
         raise ValueError("plot_mean_learning_curve_panels needs at least one panel")
