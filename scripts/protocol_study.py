@@ -118,7 +118,8 @@ def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
         done = _gaps_by_seed(saal_folder, random_folder, seeds)
         if not done:
             continue
-        row: dict[str, object] = {"factor": factor, "change": change, "seeds": len(done)}
+        row: dict[str, object] = {"factor": factor, "change": change, "seeds": len(done),
+                                  "compared_seeds": list(done)}
         for position, measure in enumerate(("best", "final")):
             gaps = [saal[position] - rand[position] for saal, rand in done.values()]
             row[f"saal_{measure}"] = statistics.mean(saal[position] for saal, _ in done.values())
@@ -132,15 +133,15 @@ def compare(out: Path, seeds: Sequence[int]) -> list[dict[str, object]]:
     return rows
 
 
-def study_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, list[list[dict[str, str]]]]]:
-    """Per compared factor, its panel of ``study_curves.png``: the rounds of the seeds the table compares."""
+def study_curves(out: Path, rows: list[dict[str, object]]) -> dict[str, dict[str, list[list[dict[str, str]]]]]:
+    """Per row of :func:`compare`, its panel of ``study_curves.png``: the rounds of the seeds that row compares."""
+    folders = _compared_folders(out)
     panels = {}
-    for factor, (change, saal_folder, random_folder) in _compared_folders(out).items():
-        both = list(_gaps_by_seed(saal_folder, random_folder, seeds))
-        if both:
-            panels[f"{factor}: {change}"] = {
-                name: [read_rounds_csv(folder / f"seed{s}" / "rounds.csv") for s in both]
-                for name, folder in (("saal_diverse", saal_folder), ("random", random_folder))}
+    for row in rows:
+        change, saal_folder, random_folder = folders[str(row["factor"])]
+        panels[f"{row['factor']}: {change}"] = {
+            name: [read_rounds_csv(folder / f"seed{seed}" / "rounds.csv") for seed in row["compared_seeds"]]  # type: ignore[attr-defined]
+            for name, folder in (("saal_diverse", saal_folder), ("random", random_folder))}
     return panels
 
 
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = compare(out, args.seeds)
     print_comparison(rows)
     atomic_write_text(out / "fashion_mnist" / "study.md", comparison_markdown(rows))
-    panels = study_curves(out, args.seeds)
+    panels = study_curves(out, rows)
     if panels:
         plot_mean_learning_curve_panels(panels, out / "fashion_mnist" / "study_curves.png")
     return code

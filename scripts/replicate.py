@@ -234,6 +234,7 @@ def summarize(out: Path, dataset: str) -> list[dict[str, object]]:
             "train_seconds": statistics.mean(training) if training else 0.0,
             "acquisition_seconds": statistics.mean(acquisition) if acquisition else 0.0,
             "unfinished": " ".join(unfinished.get(name, [])),
+            "finished_runs": runs,  # the rows of each finished seed, for the figures (not a CSV column)
         })
     return summary
 
@@ -269,16 +270,11 @@ def print_summary(summary: list[dict[str, object]], dataset: str, out: Path, fig
     atomic_write_text(folder / "summary.csv", "\n".join(lines) + "\n")
     atomic_write_text(folder / "summary.md", "\n".join(markdown) + "\n")  # the README's table, pasted as is
     drawn = [row for row in summary if row["tag"] == figure_tag]
-    curves = {str(row["run"]): finished_rounds(folder / str(row["run"])) for row in drawn}
+    curves = {str(row["run"]): row["finished_runs"] for row in drawn}
     plot_mean_learning_curves(curves, folder / "learning_curves.png", title=f"{dataset}: mean ± std over seeds")
     plot_round_times({str(row["run"]): (float(row["train_seconds"]), float(row["acquisition_seconds"]))  # type: ignore[arg-type]
                       for row in drawn}, folder / "round_times.png")
 
-
-def finished_rounds(run_folder: Path) -> list[list[dict[str, str]]]:
-    """The ``rounds.csv`` rows of each finished seed under one run's folder (unfinished seeds are left out)."""
-    return [read_rounds_csv(path) for path in sorted(run_folder.glob("seed*/rounds.csv"))
-            if (path.parent / RECORD).exists()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ def test_the_plan_runs_the_preset_first_then_one_change_at_a_time(tmp_path: Path
 
 def test_the_study_figure_has_a_panel_per_compared_factor_with_the_seeds_the_table_compares(tmp_path: Path) -> None:
     study_runs(tmp_path)
-    panels = protocol_study.study_curves(tmp_path, [1, 2])
+    panels = protocol_study.study_curves(tmp_path, protocol_study.compare(tmp_path, [1, 2]))
     titles = list(panels)
     assert [title.split(":")[0] for title in titles] == ["baseline", "paper_ball", "warm_start"]
     baseline, ball, warm = (panels[title] for title in titles)
